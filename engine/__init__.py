@@ -1,0 +1,1 @@
+"""A small durable state-machine engine on SQL: runs, audit events, published data, a step journal."""

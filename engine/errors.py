@@ -1,0 +1,101 @@
+"""The one exception tree. Every error nodepatch raises on purpose derives from EngineError.
+
+Each class's docstring is its default message. The CLI maps the families to exit codes:
+UsageError (2), Busy (4); everything else that escapes a command is reported as an error (2 for
+input problems, 1 for a failed run).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """nodepatch error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class UsageError(EngineError):
+    """Invalid input."""
+
+
+class ConfigError(UsageError):
+    """Invalid configuration."""
+
+
+class RunNotFound(UsageError):
+    """No such run."""
+
+
+class DatabaseError(UsageError):
+    """The database cannot be used."""
+
+
+class SchemaOutdated(DatabaseError):
+    """The database schema is older than this nodepatch: run `nodepatch db upgrade`."""
+
+
+class SchemaTooNew(DatabaseError):
+    """The database schema is newer than this nodepatch: upgrade nodepatch."""
+
+
+class InvalidTransition(EngineError):
+    """This transition is not allowed from the run's current state."""
+
+
+class StaleRun(EngineError):
+    """The run changed under us (another writer advanced it); nothing was overwritten."""
+
+
+class Busy(EngineError):
+    """Another live process holds the run."""
+
+
+class LeaseLost(Busy):
+    """This process lost its lease on the run; it stops without writing."""
+
+
+class LockHeld(EngineError):
+    """A resource lock is held by another run."""
+
+    def __init__(self, resource: str, holder: str) -> None:
+        super().__init__(f"{resource} is held by run {holder}")
+        self.resource = resource
+        self.holder = holder
+
+
+class StepFailed(EngineError):
+    """The step failed; the run goes to its failed state with this reason."""
+
+
+class StepTimeout(StepFailed):
+    """The step ran past its configured timeout."""
+
+
+class TransientError(EngineError):
+    """A temporary failure (connection refused, reset, timeout): the step is retried with backoff."""
+
+
+class BackendError(StepFailed):
+    """The cluster backend reported an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        category: str | None = None,
+        target: str | None = None,
+        command: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.category = category
+        self.target = target
+        self.command = command
+
+
+class TransientBackendError(TransientError):
+    """The cluster backend could not be reached for now."""
+
+
+class AuthenticationFailed(BackendError):
+    """The backend refused the credentials; retrying would not help."""

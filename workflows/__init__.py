@@ -1,0 +1,1 @@
+"""Node patching for Hyper-V / VMM clusters, written on the engine."""

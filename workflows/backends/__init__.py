@@ -1,0 +1,1 @@
+"""Cluster backends: simulated, VMM and Failover Clustering, behind one Protocol (base.py)."""

@@ -1,0 +1,1 @@
+"""Patchers: what happens to a drained node between Draining and Enabling."""
