@@ -1,0 +1,247 @@
+"""The runner: take the run's lease, run the current step, persist its outcome, advance.
+
+It stops on entering `until` (before that state's step runs), when a step waits for a signal,
+in a final state, or in the failed state. One heartbeat thread renews the lease; losing it stops
+the runner before its next write.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine import errors
+from engine.context import ProgressSink, StepContext
+from engine.machine import StateMachine
+from engine.model import Lease, Run
+from engine.store import Store
+from engine.workflow import Advance, Wait, Workflow
+
+log = logging.getLogger("nodepatch.engine")
+
+ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    lease_ttl_s: float = 30.0
+    poll_interval_s: float = 2.0
+    default_timeout_s: float = 3600.0
+    timeouts_s: Mapping[str, float] = field(default_factory=dict)
+    retry_attempts: int = 3
+    retry_backoff_s: float = 5.0
+    retry_backoff_max_s: float = 120.0
+
+    def timeout(self, state: str) -> float:
+        return self.timeouts_s.get(state, self.default_timeout_s)
+
+
+@dataclass(frozen=True)
+class Stop:
+    run: Run
+    reason: Literal["final", "failed", "until", "waiting"]
+
+
+class Heartbeat:
+    """Renews the lease every ttl/3 on its own thread; `check()` raises once it is lost."""
+
+    def __init__(self, store: Store, lease: Lease, ttl: float) -> None:
+        self.store, self.lease, self.ttl = store, lease, ttl
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="nodepatch-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.store.renew(self.lease, dt.timedelta(seconds=self.ttl)):
+                    self.lost = True
+                    return
+            except errors.DatabaseError as exc:  # transient: the next beat retries
+                log.warning("lease renewal failed: %s", exc, extra={"action": "renew_failed"})
+
+    def check(self) -> None:
+        if self.lost:
+            raise errors.LeaseLost(f"lost the lease on run {self.lease.run_id}")
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        workflow: Workflow,
+        settings: RunnerSettings,
+        *,
+        actor: str,
+        progress: ProgressSink = lambda _msg: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.store, self.workflow, self.settings = store, workflow, settings
+        self.machine = StateMachine(workflow)
+        self.actor, self.progress, self.sleep = actor, progress, sleep
+
+    # ---- operator actions --------------------------------------------------------------
+
+    def create(self, subject: str, params: Mapping[str, Any]) -> Run:
+        return self.store.create_run(
+            workflow=self.workflow.name,
+            workflow_version=self.workflow.version,
+            subject=subject,
+            state=self.workflow.initial,
+            params=params,
+            actor=self.actor,
+        )
+
+    def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> Run:
+        allowed = sorted(self.workflow.signals | {ABORT})
+        if name not in allowed:
+            raise errors.UsageError(
+                f"unknown signal {name!r}; expected one of {', '.join(allowed)}"
+            )
+        run = self.store.get(run_id)
+        if self.machine.is_final(run.state):
+            raise errors.UsageError(f"run {run_id} is already {run.state}")
+        self.store.send_signal(run_id, name, payload or {}, self.actor)
+        return self.store.get(run_id)
+
+    def drive(self, run_id: str, *, until: str | None = None, retry: bool = False) -> Stop:
+        """Advance the run as far as it goes; retry=True first re-enters a failed step."""
+        if until is not None and until not in self.workflow.states:
+            raise errors.UsageError(
+                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
+            )
+        lease = self.store.claim(
+            run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
+        )
+        try:
+            with Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat:
+                return self._loop(lease, beat, until, retry)
+        finally:
+            self.store.release(lease)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _loop(self, lease: Lease, beat: Heartbeat, until: str | None, retry: bool) -> Stop:
+        while True:
+            beat.check()
+            run = self.store.get(lease.run_id)
+            if self.machine.is_final(run.state):
+                return Stop(run, "final")
+            if ABORT in self.store.pending_signals(run.id):
+                trigger = self.workflow.on_abort(run)
+                if trigger is None:
+                    raise errors.UsageError(f"run {run.id} cannot be aborted in {run.state}")
+                self._fire(
+                    lease, run, Advance(trigger, consume=(ABORT,), details={"operator": "abort"})
+                )
+                continue
+            if run.state == self.workflow.failed:
+                if not (retry and run.failed_from):
+                    return Stop(run, "failed")
+                retry = False
+                self._fire(lease, run, Advance(f"retry:{run.failed_from}"))
+                continue
+            if until == run.state:
+                return Stop(run, "until")
+            outcome = self._execute(run, beat)
+            if isinstance(outcome, Wait):
+                self.store.set_waiting(lease, outcome.signal, outcome.reason)
+                self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
+                return Stop(self.store.get(run.id), "waiting")
+            self._fire(lease, run, outcome)
+
+    def _execute(self, run: Run, beat: Heartbeat) -> Advance | Wait:
+        step = self.workflow.steps[run.state]
+        attempt = 0
+        while True:
+            attempt += 1
+            ctx = StepContext(
+                store=self.store,
+                run=run,
+                guard=beat,
+                deadline=time.monotonic() + self.settings.timeout(run.state),
+                poll_interval=self.settings.poll_interval_s,
+                progress_sink=self.progress,
+                published=self.store.published(run.id),
+                sleep=self.sleep,
+            )
+            log.info(
+                "step %s of run %s (attempt %d)",
+                run.state,
+                run.id,
+                attempt,
+                extra={"action": "step_started", "run_id": run.id, "state": run.state},
+            )
+            try:
+                return step(ctx)
+            except errors.TransientError as exc:
+                if attempt >= self.settings.retry_attempts:
+                    return _failure(f"gave up after {attempt} attempts: {exc}")
+                delay = min(
+                    self.settings.retry_backoff_s * 2 ** (attempt - 1),
+                    self.settings.retry_backoff_max_s,
+                )
+                self.progress(f"{run.state}: {exc}; retrying in {delay:g}s")
+                self.sleep(delay)
+            except errors.StepFailed as exc:
+                return _failure(str(exc))
+
+    def _fire(self, lease: Lease, run: Run, outcome: Advance) -> None:
+        if outcome.trigger == "fail":
+            self._fail(lease, run, dict(outcome.details), outcome.publish)
+            return
+        to_state = self.machine.next_state(run.state, outcome.trigger)
+        try:
+            self.store.transition(
+                lease,
+                from_state=run.state,
+                version=run.version,
+                trigger=outcome.trigger,
+                to_state=to_state,
+                final=self.machine.is_final(to_state),
+                publish=outcome.publish,
+                acquire=outcome.acquire,
+                release=outcome.release,
+                consume=outcome.consume,
+                details=outcome.details,
+            )
+        except errors.LockHeld as exc:
+            self._fail(lease, run, {"reason": str(exc), "holder": exc.holder})
+            return
+        self.progress(f"{run.state} -> {to_state}")
+
+    def _fail(
+        self,
+        lease: Lease,
+        run: Run,
+        details: dict[str, Any],
+        publish: Mapping[str, Any] | None = None,
+    ) -> None:
+        reason = str(details.get("reason", "failed"))
+        self.store.transition(
+            lease,
+            publish=publish,
+            from_state=run.state,
+            version=run.version,
+            trigger="fail",
+            to_state=self.workflow.failed,
+            error={"state": run.state, **details, "reason": reason},
+        )
+        self.progress(f"{run.state} -> {self.workflow.failed}: {reason}")
+
+
+def _failure(reason: str) -> Advance:
+    return Advance("fail", details={"reason": reason})

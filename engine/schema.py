@@ -1,0 +1,120 @@
+"""The engine's tables. The schema itself is created only by the alembic migrations in migrations/."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+TS = sa.DateTime(timezone=True)
+
+run = sa.Table(
+    "run",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("workflow", sa.String(64), nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("subject", sa.String(512), nullable=False),
+    sa.Column("state", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("lease_owner", sa.String(256)),
+    sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lease_expires_at", TS),
+    sa.Column("wake_at", TS),
+    sa.Column("waiting_for", sa.String(64)),
+    sa.Column("failed_from", sa.String(64)),
+    sa.Column("error", sa.JSON),
+    sa.Column("created_by", sa.String(256), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Column("finished_at", TS),
+    sa.Index("ix_run_subject_finished", "subject", "finished_at"),
+    sa.Index("ix_run_state", "state"),
+    sa.Index("ix_run_created_at", "created_at"),
+)
+
+run_event = sa.Table(
+    "run_event",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("run.id"), nullable=False),
+    sa.Column("run_version", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("trigger", sa.String(64)),
+    sa.Column("from_state", sa.String(64)),
+    sa.Column("to_state", sa.String(64)),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("lease_token", sa.BigInteger, nullable=False),
+    sa.Column("occurred_at", TS, nullable=False),
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Index("ix_run_event_run_id_id", "run_id", "id"),
+    sa.Index(
+        "uq_run_event_transition",
+        "run_id",
+        "run_version",
+        unique=True,
+        sqlite_where=sa.text("kind = 'transition'"),
+        postgresql_where=sa.text("kind = 'transition'"),
+    ),
+)
+
+published_data = sa.Table(
+    "published_data",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("run.id"), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("step", sa.String(64), nullable=False),
+    sa.Column("value", sa.JSON, nullable=False),
+    sa.Column("run_version", sa.Integer, nullable=False),
+    sa.Column("published_at", TS, nullable=False),
+)
+
+step_journal = sa.Table(
+    "step_journal",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("run.id"), primary_key=True),
+    sa.Column("step_key", sa.String(256), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("state", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("external_ref", sa.Text),
+    sa.Column("result", sa.JSON),
+    sa.Column("lease_token", sa.BigInteger, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.CheckConstraint("status IN ('intent', 'submitted', 'succeeded', 'failed')", name="status"),
+)
+
+resource_lock = sa.Table(
+    "resource_lock",
+    metadata,
+    sa.Column("resource", sa.String(512), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("run.id"), nullable=False),
+    sa.Column("acquired_at", TS, nullable=False),
+    sa.Index("ix_resource_lock_run_id", "run_id"),
+)
+
+run_signal = sa.Table(
+    "run_signal",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("run.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("sent_by", sa.String(256), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("consumed_at", TS),
+    sa.Column("consumed_run_version", sa.Integer),
+    sa.Index("ix_run_signal_run_id_name", "run_id", "name"),
+)

@@ -1,0 +1,547 @@
+"""All the engine's SQL. Every write is one transaction that first updates the run row under a
+guard (its lease token, and its state and version for transitions), so a stale writer changes
+nothing and gets StaleRun or LeaseLost instead."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine import crashpoints, errors
+from engine import schema as t
+from engine.model import Event, JournalEntry, Lease, Run, utcnow
+
+GENESIS = "0" * 64
+
+
+def new_run_id(now: dt.datetime) -> str:
+    """Sortable and short enough to type: 20261125-100312-3f9a1c."""
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def event_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def hashed_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields an event's hash covers (everything but its id and the hashes)."""
+    occurred = event["occurred_at"]
+    if isinstance(occurred, dt.datetime):
+        if occurred.tzinfo is not None:
+            occurred = occurred.astimezone(dt.UTC)
+        occurred = occurred.replace(tzinfo=None).isoformat()
+    return {
+        "run_id": event["run_id"],
+        "run_version": event["run_version"],
+        "kind": event["kind"],
+        "trigger": event["trigger"],
+        "from_state": event["from_state"],
+        "to_state": event["to_state"],
+        "actor": event["actor"],
+        "lease_token": event["lease_token"],
+        "occurred_at": occurred,
+        "details": event["details"],
+    }
+
+
+class Store:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise errors.DatabaseError(f"database error: {exc.orig or exc}") from exc
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> Run:
+        with self._tx() as conn:
+            return self._get(conn, run_id)
+
+    def _get(self, conn: sa.Connection, run_id: str, *, lock: bool = False) -> Run:
+        query = sa.select(t.run).where(t.run.c.id == run_id)
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            raise errors.RunNotFound(f"no run {run_id!r}")
+        return Run.from_row(row)
+
+    def resolve(self, ref: str) -> Run:
+        """A run by its full ID or a unique prefix of it."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(t.run.c.id).where(t.run.c.id.startswith(ref, autoescape=True)).limit(2)
+            ).all()
+            if len(rows) == 1:
+                return self._get(conn, rows[0][0])
+        if not rows:
+            raise errors.RunNotFound(f"no run {ref!r}")
+        raise errors.RunNotFound(f"{ref!r} matches several runs; give more of the ID")
+
+    def runs(
+        self,
+        *,
+        workflow: str | None = None,
+        subject_prefix: str | None = None,
+        state: str | None = None,
+        active_only: bool = False,
+        limit: int = 200,
+    ) -> list[Run]:
+        query = sa.select(t.run).order_by(t.run.c.created_at.desc(), t.run.c.id.desc())
+        if workflow:
+            query = query.where(t.run.c.workflow == workflow)
+        if subject_prefix:
+            query = query.where(t.run.c.subject.startswith(subject_prefix, autoescape=True))
+        if state:
+            query = query.where(t.run.c.state == state)
+        if active_only:
+            query = query.where(t.run.c.finished_at.is_(None))
+        with self._tx() as conn:
+            rows = conn.execute(query.limit(limit)).mappings().all()
+        return [Run.from_row(r) for r in rows]
+
+    def events(self, run_id: str) -> list[Event]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(t.run_event)
+                .where(t.run_event.c.run_id == run_id)
+                .order_by(t.run_event.c.id)
+            ).mappings()
+            return [Event.from_row(r) for r in rows]
+
+    def published(self, run_id: str) -> dict[str, Any]:
+        with self._tx() as conn:
+            return self._published(conn, run_id)
+
+    def _published(self, conn: sa.Connection, run_id: str) -> dict[str, Any]:
+        rows = conn.execute(
+            sa.select(t.published_data.c.key, t.published_data.c.value)
+            .where(t.published_data.c.run_id == run_id)
+            .order_by(t.published_data.c.run_version, t.published_data.c.key)
+        )
+        return {key: value for key, value in rows}
+
+    def lock_holder(self, resource: str) -> str | None:
+        with self._tx() as conn:
+            return conn.execute(
+                sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
+            ).scalar()
+
+    def locks(self, run_id: str) -> list[str]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(t.resource_lock.c.resource).where(t.resource_lock.c.run_id == run_id)
+            )
+            return [r[0] for r in rows]
+
+    def pending_signals(self, run_id: str) -> list[str]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(t.run_signal.c.name)
+                .where(t.run_signal.c.run_id == run_id, t.run_signal.c.consumed_at.is_(None))
+                .order_by(t.run_signal.c.id)
+            )
+            return [r[0] for r in rows]
+
+    def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
+        with self._tx() as conn:
+            row = (
+                conn.execute(
+                    sa.select(t.step_journal)
+                    .where(t.step_journal.c.run_id == run_id, t.step_journal.c.step_key == step_key)
+                    .order_by(t.step_journal.c.attempt.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        return JournalEntry.from_row(row) if row else None
+
+    def journal_entries(self, run_id: str) -> list[JournalEntry]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(t.step_journal)
+                .where(t.step_journal.c.run_id == run_id)
+                .order_by(t.step_journal.c.created_at, t.step_journal.c.step_key)
+            ).mappings()
+            return [JournalEntry.from_row(r) for r in rows]
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        workflow: str,
+        workflow_version: int,
+        subject: str,
+        state: str,
+        params: Mapping[str, Any],
+        actor: str,
+    ) -> Run:
+        now = utcnow()
+        run_id = new_run_id(now)
+        with self._tx() as conn:
+            conn.execute(
+                t.run.insert().values(
+                    id=run_id,
+                    workflow=workflow,
+                    workflow_version=workflow_version,
+                    subject=subject,
+                    state=state,
+                    version=1,
+                    params=dict(params),
+                    created_by=actor,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            self._event(
+                conn,
+                run_id,
+                1,
+                "created",
+                actor=actor,
+                token=0,
+                to_state=state,
+                details={"params": dict(params)},
+            )
+            return self._get(conn, run_id)
+
+    def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
+        """Take the run's lease; Busy if another owner holds a live one."""
+        now = utcnow()
+        with self._tx() as conn:
+            run = self._get(conn, run_id, lock=True)
+            if run.lease_live(now) and run.lease_owner != owner:
+                until = run.lease_expires_at
+                raise errors.Busy(
+                    f"run {run_id} is held by {run.lease_owner} (lease until {until:%H:%M:%S} UTC)"
+                    if until
+                    else f"run {run_id} is held by {run.lease_owner}"
+                )
+            token = run.lease_token + 1
+            updated = conn.execute(
+                t.run.update()
+                .where(t.run.c.id == run_id, t.run.c.lease_token == run.lease_token)
+                .values(lease_owner=owner, lease_token=token, lease_expires_at=now + ttl)
+            ).rowcount
+            if updated != 1:
+                raise errors.Busy(f"run {run_id} was claimed by another process just now")
+            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+            self._event(
+                conn,
+                run_id,
+                run.version,
+                "lease",
+                actor=owner,
+                token=token,
+                details={"taken_over_from": previous} if previous else {},
+            )
+        return Lease(run_id, owner, token)
+
+    def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    t.run.update()
+                    .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
+                    .values(lease_expires_at=utcnow() + ttl)
+                ).rowcount
+                == 1
+            )
+
+    def release(self, lease: Lease) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                t.run.update()
+                .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    def transition(
+        self,
+        lease: Lease,
+        *,
+        from_state: str,
+        version: int,
+        trigger: str,
+        to_state: str,
+        final: bool = False,
+        publish: Mapping[str, Any] | None = None,
+        acquire: Sequence[str] = (),
+        release: Sequence[str] = (),
+        consume: Sequence[str] = (),
+        details: Mapping[str, Any] | None = None,
+        error: Mapping[str, Any] | None = None,
+    ) -> Run:
+        """Change state, append the audit event, publish data, take/release locks and consume
+        signals in ONE transaction, guarded by compare-and-set on (state, version, lease)."""
+        now = utcnow()
+        new_version = version + 1
+        with self._tx() as conn:
+            values: dict[str, Any] = {
+                "state": to_state,
+                "version": new_version,
+                "updated_at": now,
+                "waiting_for": None,
+                "error": dict(error) if error else None,
+                "failed_from": from_state if error else None,
+                "finished_at": now if final else None,
+            }
+            if final:
+                values |= {"lease_owner": None, "lease_expires_at": None}
+            updated = conn.execute(
+                t.run.update()
+                .where(
+                    t.run.c.id == lease.run_id,
+                    t.run.c.state == from_state,
+                    t.run.c.version == version,
+                    t.run.c.lease_token == lease.token,
+                )
+                .values(**values)
+            ).rowcount
+            if updated != 1:
+                self._raise_stale(conn, lease, from_state, version)
+            self._take_locks(conn, lease.run_id, acquire, now)
+            conn.execute(
+                t.resource_lock.delete().where(
+                    t.resource_lock.c.run_id == lease.run_id,
+                    t.resource_lock.c.resource.in_(list(release)),
+                )
+            )
+            self._consume(conn, lease.run_id, consume, now, new_version)
+            for key, value in (publish or {}).items():
+                self._publish(conn, lease.run_id, from_state, key, value, new_version, now)
+            event_details = dict(details or {})
+            if error:
+                event_details["error"] = dict(error)
+            self._event(
+                conn,
+                lease.run_id,
+                new_version,
+                "transition",
+                actor=lease.owner,
+                token=lease.token,
+                trigger=trigger,
+                from_state=from_state,
+                to_state=to_state,
+                details=event_details,
+            )
+            crashpoints.hit(f"before_commit:{from_state}->{to_state}")
+            run = self._get(conn, lease.run_id)
+        crashpoints.hit(f"after_commit:{from_state}->{to_state}")
+        return run
+
+    def set_waiting(self, lease: Lease, signal: str, reason: str) -> None:
+        with self._tx() as conn:
+            run = self._fenced(conn, lease)
+            if run.waiting_for == signal:
+                return
+            conn.execute(
+                t.run.update().where(t.run.c.id == lease.run_id).values(waiting_for=signal)
+            )
+            self._event(
+                conn,
+                lease.run_id,
+                run.version,
+                "waiting",
+                actor=lease.owner,
+                token=lease.token,
+                details={"signal": signal, "reason": reason},
+            )
+
+    def send_signal(self, run_id: str, name: str, payload: Mapping[str, Any], actor: str) -> None:
+        now = utcnow()
+        with self._tx() as conn:
+            run = self._get(conn, run_id, lock=True)
+            conn.execute(
+                t.run_signal.insert().values(
+                    run_id=run_id, name=name, payload=dict(payload), sent_by=actor, created_at=now
+                )
+            )
+            self._event(
+                conn,
+                run_id,
+                run.version,
+                "signal",
+                actor=actor,
+                token=run.lease_token,
+                details={"signal": name, **payload},
+            )
+
+    def journal_write(
+        self,
+        lease: Lease,
+        *,
+        step_key: str,
+        attempt: int,
+        state: str,
+        status: str,
+        external_ref: str | None = None,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Insert or update one journal attempt, fenced by the lease."""
+        now = utcnow()
+        with self._tx() as conn:
+            self._fenced(conn, lease)
+            key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
+            changes = {"status": status, "lease_token": lease.token, "updated_at": now}
+            if external_ref is not None:
+                changes["external_ref"] = external_ref
+            if result is not None:
+                changes["result"] = dict(result)
+            updated = conn.execute(
+                t.step_journal.update()
+                .where(*(t.step_journal.c[k] == v for k, v in key.items()))
+                .values(**changes)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    t.step_journal.insert().values(**key, **changes, state=state, created_at=now)
+                )
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _fenced(self, conn: sa.Connection, lease: Lease) -> Run:
+        """Touch the run row under our lease token (serialising writers) or raise LeaseLost."""
+        updated = conn.execute(
+            t.run.update()
+            .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
+            .values(updated_at=utcnow())
+        ).rowcount
+        if updated != 1:
+            raise errors.LeaseLost(f"lost the lease on run {lease.run_id}")
+        return self._get(conn, lease.run_id)
+
+    def _raise_stale(self, conn: sa.Connection, lease: Lease, state: str, version: int) -> None:
+        run = self._get(conn, lease.run_id)
+        if run.lease_token != lease.token:
+            raise errors.LeaseLost(
+                f"lost the lease on run {lease.run_id}: now held by {run.lease_owner}"
+            )
+        raise errors.StaleRun(
+            f"run {lease.run_id} is at {run.state} v{run.version}, not {state} v{version}: "
+            "another writer advanced it; nothing was overwritten"
+        )
+
+    def _take_locks(
+        self, conn: sa.Connection, run_id: str, resources: Sequence[str], now: dt.datetime
+    ) -> None:
+        for resource in resources:
+            holder = conn.execute(
+                sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
+            ).scalar()
+            if holder == run_id:
+                continue
+            if holder is not None:
+                raise errors.LockHeld(resource, holder)
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        t.resource_lock.insert().values(
+                            resource=resource, run_id=run_id, acquired_at=now
+                        )
+                    )
+            except sa.exc.IntegrityError as exc:
+                holder = self._lock_holder(conn, resource) or "another run"
+                raise errors.LockHeld(resource, holder) from exc
+
+    def _lock_holder(self, conn: sa.Connection, resource: str) -> str | None:
+        return conn.execute(
+            sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
+        ).scalar()
+
+    def _consume(
+        self,
+        conn: sa.Connection,
+        run_id: str,
+        names: Sequence[str],
+        now: dt.datetime,
+        version: int,
+    ) -> None:
+        for name in names:
+            first = conn.execute(
+                sa.select(sa.func.min(t.run_signal.c.id)).where(
+                    t.run_signal.c.run_id == run_id,
+                    t.run_signal.c.name == name,
+                    t.run_signal.c.consumed_at.is_(None),
+                )
+            ).scalar()
+            if first is None:
+                raise errors.StaleRun(f"signal {name!r} of run {run_id} was already consumed")
+            conn.execute(
+                t.run_signal.update()
+                .where(t.run_signal.c.id == first)
+                .values(consumed_at=now, consumed_run_version=version)
+            )
+
+    def _publish(
+        self,
+        conn: sa.Connection,
+        run_id: str,
+        step: str,
+        key: str,
+        value: Any,
+        version: int,
+        now: dt.datetime,
+    ) -> None:
+        values = {"step": step, "value": value, "run_version": version, "published_at": now}
+        updated = conn.execute(
+            t.published_data.update()
+            .where(t.published_data.c.run_id == run_id, t.published_data.c.key == key)
+            .values(**values)
+        ).rowcount
+        if not updated:
+            conn.execute(t.published_data.insert().values(run_id=run_id, key=key, **values))
+
+    def _event(
+        self,
+        conn: sa.Connection,
+        run_id: str,
+        run_version: int,
+        kind: str,
+        *,
+        actor: str,
+        token: int,
+        trigger: str | None = None,
+        from_state: str | None = None,
+        to_state: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        prev = conn.execute(
+            sa.select(t.run_event.c.hash)
+            .where(t.run_event.c.run_id == run_id)
+            .order_by(t.run_event.c.id.desc())
+            .limit(1)
+        ).scalar()
+        event = {
+            "run_id": run_id,
+            "run_version": run_version,
+            "kind": kind,
+            "trigger": trigger,
+            "from_state": from_state,
+            "to_state": to_state,
+            "actor": actor,
+            "lease_token": token,
+            "occurred_at": utcnow(),
+            "details": json.loads(json.dumps(dict(details or {}), default=str)),
+        }
+        prev_hash = prev or GENESIS
+        conn.execute(
+            t.run_event.insert().values(
+                **event, prev_hash=prev_hash, hash=event_hash(prev_hash, hashed_fields(event))
+            )
+        )

@@ -1,0 +1,74 @@
+"""How a workflow is declared: states, a transition table and one step per non-final state.
+
+A step is a function of a StepContext that returns what should happen next: `Advance` (fire a
+trigger, publishing data and taking or releasing locks in the same transaction) or `Wait` (stop
+until a signal arrives). Steps do their side effects through `ctx.run_job`, which journals them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.context import StepContext
+    from engine.model import Run
+
+
+@dataclass(frozen=True)
+class Transition:
+    trigger: str
+    source: str
+    dest: str
+
+
+@dataclass(frozen=True)
+class Advance:
+    trigger: str
+    publish: Mapping[str, Any] = field(default_factory=dict)
+    acquire: tuple[str, ...] = ()
+    release: tuple[str, ...] = ()
+    consume: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Wait:
+    signal: str
+    reason: str
+
+
+StepResult = Advance | Wait
+Step = Callable[["StepContext"], StepResult]
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow definition. The engine adds, for every state with a step:
+
+    - `fail`: state → `failed` (a step raised StepFailed or gave up retrying);
+    - `retry:<State>`: `failed` → State (resume from the step that failed).
+    An operator's `abort` signal is turned into a trigger by `on_abort(run)`; None means the
+    run cannot be aborted in its current state.
+    """
+
+    name: str
+    version: int
+    states: tuple[str, ...]
+    initial: str
+    failed: str
+    final: frozenset[str]
+    transitions: tuple[Transition, ...]
+    steps: Mapping[str, Step]
+    signals: frozenset[str] = frozenset()
+    on_abort: Callable[[Run], str | None] = field(default=lambda _run: None)
+
+    def __post_init__(self) -> None:
+        missing = [
+            s
+            for s in self.states
+            if s not in self.final and s != self.failed and s not in self.steps
+        ]
+        if missing:
+            raise ValueError(f"workflow {self.name}: no step for state(s) {missing}")

@@ -1,0 +1,224 @@
+"""The generic engine on a toy workflow, against real databases."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+
+from engine import errors
+from engine import schema as t
+from engine.context import StepContext
+from engine.runner import Runner, RunnerSettings
+from engine.store import Store
+from engine.workflow import Advance, StepResult, Transition, Wait, Workflow
+
+FAST = RunnerSettings(lease_ttl_s=5, poll_interval_s=0.001, retry_backoff_s=0.001)
+
+
+class Job:
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    done = property(lambda self: self.polls <= 0)
+    ok = property(lambda self: True)
+    progress = property(lambda self: 100 if self.polls <= 0 else 50)
+    message = ""
+    details: dict[str, str] = {}  # noqa: RUF012
+
+
+class Toy:
+    """A three-step workflow whose side effects are counted."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.transient_left = 0
+        self.jobs: dict[str, Job] = {}
+
+    def workflow(self) -> Workflow:
+        return Workflow(
+            name="toy",
+            version=1,
+            states=("A", "B", "C", "Done", "Failed", "Aborted"),
+            initial="A",
+            failed="Failed",
+            final=frozenset({"Done", "Aborted"}),
+            transitions=(
+                Transition("go", "A", "B"),
+                Transition("next", "B", "C"),
+                Transition("finish", "C", "Done"),
+                Transition("abort", "B", "Aborted"),
+                Transition("abort", "C", "Aborted"),
+            ),
+            steps={"A": self.step_a, "B": self.step_b, "C": self.step_c},
+            signals=frozenset({"go_on"}),
+            on_abort=lambda run: "abort" if run.state in ("B", "C") else None,
+        )
+
+    def step_a(self, ctx: StepContext) -> StepResult:
+        return Advance("go", publish={"snapshot": {"vms": ["a", "b"]}}, acquire=("cluster:x",))
+
+    def step_b(self, ctx: StepContext) -> StepResult:
+        if self.transient_left:
+            self.transient_left -= 1
+            raise errors.TransientError("connection refused")
+        outcome = ctx.run_job("job", submit=self._submit, poll=self._poll)
+        return Advance("next", publish={"job": outcome.ref})
+
+    def step_c(self, ctx: StepContext) -> StepResult:
+        if not ctx.signal_pending("go_on"):
+            return Wait("go_on", "operator must confirm")
+        return Advance("finish", consume=("go_on",), release=("cluster:x",))
+
+    def _submit(self) -> str:
+        ref = f"job{len(self.submitted)}"
+        self.submitted.append(ref)
+        self.jobs[ref] = Job(polls=2)
+        return ref
+
+    def _poll(self, ref: str) -> Job:
+        job = self.jobs[ref]
+        job.polls -= 1
+        return job
+
+
+def make(engine: sa.Engine, toy: Toy, actor: str = "tester@host:1") -> Runner:
+    return Runner(Store(engine), toy.workflow(), FAST, actor=actor, sleep=lambda _s: None)
+
+
+def test_full_cycle_persists_every_transition_with_audit(engine: sa.Engine) -> None:
+    """A run goes A→B→C, waits for a signal, then finishes; each transition is one audit row."""
+    toy = Toy()
+    runner = make(engine, toy)
+    run = runner.create("x/1", {"p": 1})
+    stop = runner.drive(run.id)
+    assert (stop.reason, stop.run.state, stop.run.waiting_for) == ("waiting", "C", "go_on")
+    runner.signal(run.id, "go_on")
+    stop = runner.drive(run.id)
+    assert (stop.reason, stop.run.state) == ("final", "Done")
+    assert stop.run.finished_at is not None
+    events = runner.store.events(run.id)
+    transitions = [(e.from_state, e.to_state) for e in events if e.kind == "transition"]
+    assert transitions == [("A", "B"), ("B", "C"), ("C", "Done")]
+    assert runner.store.published(run.id) == {"snapshot": {"vms": ["a", "b"]}, "job": "job0"}
+    assert runner.store.lock_holder("cluster:x") is None
+    assert runner.store.pending_signals(run.id) == []
+    assert toy.submitted == ["job0"]
+
+
+def test_until_stops_on_entering_the_state_before_its_step(engine: sa.Engine) -> None:
+    """--until B stops at B without running B's side effect; a later drive continues."""
+    toy = Toy()
+    runner = make(engine, toy)
+    run = runner.create("x/1", {})
+    stop = runner.drive(run.id, until="B")
+    assert (stop.reason, stop.run.state, toy.submitted) == ("until", "B", [])
+    assert runner.store.lock_holder("cluster:x") == run.id
+    stop = runner.drive(run.id, until="C")
+    assert (stop.reason, stop.run.state, toy.submitted) == ("until", "C", ["job0"])
+
+
+def test_resumed_step_reattaches_to_the_journaled_job(engine: sa.Engine) -> None:
+    """A job submitted and journaled before a crash is polled again, never submitted twice."""
+    toy = Toy()
+    runner = make(engine, toy)
+    run = runner.create("x/1", {})
+    runner.drive(run.id, until="B")
+    lease = runner.store.claim(run.id, "crashed@host:2", dt.timedelta(seconds=5))
+    b = runner.store.get(run.id)
+    runner.store.journal_write(
+        lease,
+        step_key=f"B@{b.version}:job",
+        attempt=1,
+        state="B",
+        status="submitted",
+        external_ref="job-before-crash",
+    )
+    toy.jobs["job-before-crash"] = Job(polls=3)
+    with engine.begin() as conn:  # the crashed process's lease expires
+        conn.execute(t.run.update().values(lease_expires_at=dt.datetime(2000, 1, 1, tzinfo=dt.UTC)))
+    stop = runner.drive(run.id, until="C")
+    assert stop.run.state == "C"
+    assert toy.submitted == []
+    assert runner.store.published(run.id)["job"] == "job-before-crash"
+
+
+def test_a_live_lease_makes_a_second_process_busy(engine: sa.Engine) -> None:
+    """While one process holds the lease, another gets Busy naming the holder."""
+    toy = Toy()
+    runner = make(engine, toy)
+    run = runner.create("x/1", {})
+    runner.store.claim(run.id, "other@host:9", dt.timedelta(seconds=60))
+    with pytest.raises(errors.Busy, match="other@host:9"):
+        runner.drive(run.id)
+
+
+def test_stale_writer_gets_a_clear_error_and_changes_nothing(engine: sa.Engine) -> None:
+    """A transition from an outdated (state, version) raises StaleRun and writes nothing."""
+    store = Store(engine)
+    toy = Toy()
+    runner = make(engine, toy)
+    run = runner.create("x/1", {})
+    lease = store.claim(run.id, "w@h:1", dt.timedelta(seconds=5))
+    store.transition(lease, from_state="A", version=run.version, trigger="go", to_state="B")
+    with pytest.raises(errors.StaleRun):
+        store.transition(lease, from_state="A", version=run.version, trigger="go", to_state="B")
+    assert [e.to_state for e in store.events(run.id) if e.kind == "transition"] == ["B"]
+
+
+def test_transient_errors_are_retried_then_give_up(engine: sa.Engine) -> None:
+    """Transient failures are retried with backoff; too many fail the run naming the cause."""
+    toy = Toy()
+    toy.transient_left = 2
+    runner = make(engine, toy)
+    run = runner.create("x/1", {})
+    assert runner.drive(run.id, until="C").run.state == "C"
+    runner.signal(run.id, "go_on")
+    assert runner.drive(run.id).run.state == "Done"
+    toy2 = Toy()
+    toy2.transient_left = 5
+    runner2 = make(engine, toy2)
+    run2 = runner2.create("x/2", {})
+    stop = runner2.drive(run2.id)
+    assert stop.reason == "failed"
+    assert stop.run.error is not None
+    assert "gave up after 3 attempts" in stop.run.error["reason"]
+    assert stop.run.failed_from == "B"
+    toy2.transient_left = 0
+    stop = runner2.drive(run2.id, until="C", retry=True)
+    assert stop.run.state == "C"
+
+
+def test_lock_conflict_fails_the_second_run_naming_the_holder(engine: sa.Engine) -> None:
+    """Two runs wanting the same lock: the second fails with the holder's run ID."""
+    runner = make(engine, Toy())
+    first = runner.create("x/1", {})
+    runner.drive(first.id, until="B")
+    second = runner.create("x/2", {})
+    stop = runner.drive(second.id)
+    assert stop.reason == "failed"
+    assert stop.run.error is not None
+    assert first.id in stop.run.error["reason"]
+    assert runner.store.published(second.id) == {}
+
+
+def test_abort_signal_fires_the_workflows_abort_trigger(engine: sa.Engine) -> None:
+    """An abort signal is consumed by the abort transition in the same transaction."""
+    runner = make(engine, Toy())
+    run = runner.create("x/1", {})
+    runner.drive(run.id, until="B")
+    runner.signal(run.id, "abort")
+    stop = runner.drive(run.id)
+    assert stop.run.state == "Aborted"
+    assert runner.store.pending_signals(run.id) == []
+
+
+def test_unknown_signal_and_state_are_usage_errors(engine: sa.Engine) -> None:
+    """A typo in a signal or --until state is refused with the valid choices."""
+    runner = make(engine, Toy())
+    run = runner.create("x/1", {})
+    with pytest.raises(errors.UsageError, match="go_on"):
+        runner.signal(run.id, "patchd")
+    with pytest.raises(errors.UsageError, match="expected one of"):
+        runner.drive(run.id, until="Nowhere")
