@@ -1,0 +1,280 @@
+"""The documents that feed the simulated cluster: scenarios and faults.
+
+A scenario is the `sim show --json` document plus optional VM IDs, `faults` and `speed`. This
+module validates scenarios and faults (raising `UsageError` naming the bad key or index),
+generates random but seed-deterministic scenarios, and matches and consumes faults as they fire.
+Everything here is pure: it works on plain JSON-able dicts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from engine import errors
+from workflows.backends import base
+
+JSON = dict[str, Any]
+
+JOB_OPS = frozenset(
+    {
+        "enter_maintenance",
+        "exit_maintenance",
+        "move_vm",
+        "start_vm",
+        "save_vm",
+        "shutdown_vm",
+        "reboot_host",
+    }
+)
+CALL_OPS = JOB_OPS | {"inventory", "job", "find_job"}
+
+# type -> (required keys, optional keys, default times)
+_FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
+    "job_fails": (frozenset({"op"}), frozenset({"target"}), 1),
+    "job_hangs": (frozenset({"op"}), frozenset({"target"}), 1),
+    "migration_fails": (frozenset({"vm"}), frozenset(), 1),
+    "host_never_returns": (frozenset({"host"}), frozenset(), 1),
+    "delete_vm": (frozenset({"vm", "on"}), frozenset(), 1),
+    "move_vm": (frozenset({"vm", "to", "on"}), frozenset(), 1),
+    "set_state": (frozenset({"vm", "state", "on"}), frozenset(), 1),
+    "transient": (frozenset(), frozenset({"op"}), 1),
+    "auth_fails": (frozenset(), frozenset(), None),
+}
+_HOST_STATES = frozenset(s.value for s in base.HostState)
+_POWER_STATES = frozenset(s.value for s in base.PowerState)
+_TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed"})
+
+
+def _fail(where: str, problem: str) -> errors.UsageError:
+    return errors.UsageError(f"{where}: {problem}")
+
+
+def _get(
+    obj: Mapping[str, Any],
+    key: str,
+    kind: type[Any] | tuple[type[Any], ...],
+    where: str,
+    default: Any = ...,
+) -> Any:
+    if key not in obj:
+        if default is ...:
+            raise _fail(where, f"missing key {key!r}")
+        return default
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = kind if isinstance(kind, tuple) else (kind,)
+        expected = " or ".join(k.__name__ for k in names)
+        raise _fail(f"{where}.{key}", f"expected {expected}, got {value!r}")
+    return value
+
+
+def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise _fail(where, f"expected a mapping, got {obj!r}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r}")
+    return obj
+
+
+def _one_of(value: str, allowed: frozenset[str], where: str) -> str:
+    if value not in allowed:
+        raise _fail(where, f"{value!r} is not one of {', '.join(sorted(allowed))}")
+    return value
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def validate_fault(raw: Any, where: str = "fault") -> JSON:
+    """A normalized copy of one fault dict (with `times` filled in), or UsageError."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("type"), str):
+        raise _fail(where, f"a fault needs a string 'type', got {raw!r}")
+    kind = _one_of(raw["type"], frozenset(_FAULTS), f"{where}.type")
+    required, optional, default_times = _FAULTS[kind]
+    obj = _check_keys(raw, required | optional | {"type", "times"}, where)
+    fault: JSON = {"type": kind}
+    for key in sorted(required | optional):
+        if key in required or key in obj:
+            fault[key] = _get(obj, key, str, where)
+    times = obj.get("times", default_times)
+    if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+        raise _fail(f"{where}.times", f"expected a positive integer or null, got {times!r}")
+    fault["times"] = times
+    _check_fault_values(fault, where)
+    return fault
+
+
+def _check_fault_values(fault: JSON, where: str) -> None:
+    if fault["type"] == "transient":
+        fault.setdefault("op", "any")
+        _one_of(fault["op"], CALL_OPS | {"any"}, f"{where}.op")
+    elif "op" in fault:
+        _one_of(fault["op"], JOB_OPS, f"{where}.op")
+    if "on" in fault:
+        _one_of(fault["on"], JOB_OPS, f"{where}.on")
+    if "state" in fault:
+        _one_of(fault["state"], _POWER_STATES, f"{where}.state")
+
+
+def take(faults: list[JSON], kind: str, matches: Callable[[JSON], bool]) -> JSON | None:
+    """Fire the first fault of this kind that matches: consume one of its `times`, return it."""
+    for index, fault in enumerate(faults):
+        if fault["type"] == kind and matches(fault):
+            if fault["times"] is not None:
+                fault["times"] -= 1
+                if fault["times"] <= 0:
+                    del faults[index]
+            return dict(fault)
+    return None
+
+
+def take_all(faults: list[JSON], kind: str, matches: Callable[[JSON], bool]) -> list[JSON]:
+    """Fire every fault of this kind that matches (used for side effects triggered by an op)."""
+    fired = []
+    for fault in [f for f in faults if f["type"] == kind and matches(f)]:
+        fired.append(dict(fault))
+        if fault["times"] is not None:
+            fault["times"] -= 1
+    faults[:] = [f for f in faults if f["times"] is None or f["times"] > 0]
+    return fired
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
+    """Validate a scenario and turn it into a fresh state document."""
+    top = _check_keys(scenario, _TOP_KEYS, "scenario")
+    clusters = _get(top, "clusters", list, "scenario")
+    if not clusters:
+        raise _fail("scenario.clusters", "at least one cluster is needed")
+    out_clusters, host_names = _validate_clusters(clusters)
+    raw_vms = _get(top, "vms", list, "scenario", [])
+    vms = [_validate_vm(v, f"scenario.vms[{i}]", host_names) for i, v in enumerate(raw_vms)]
+    _check_unique([v["id"] for v in vms], "scenario.vms", "id")
+    raw_faults = _get(top, "faults", list, "scenario", [])
+    faults = [validate_fault(f, f"scenario.faults[{i}]") for i, f in enumerate(raw_faults)]
+    scenario_speed = _get(top, "speed", (int, float), "scenario", 0.0)
+    chosen = float(speed or scenario_speed)
+    if not math.isfinite(chosen) or chosen < 0:
+        raise _fail("scenario.speed", f"expected a non-negative number, got {chosen!r}")
+    return {
+        "version": 1,
+        "speed": chosen,
+        "clusters": out_clusters,
+        "vms": vms,
+        "faults": faults,
+        "jobs": {},
+        "counts": {},
+    }
+
+
+def _check_unique(values: list[str], where: str, what: str) -> None:
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        if value.lower() in seen:
+            raise _fail(f"{where}[{index}].{what}", f"duplicate {what} {value!r}")
+        seen.add(value.lower())
+
+
+def _validate_clusters(clusters: list[Any]) -> tuple[list[JSON], dict[str, str]]:
+    out: list[JSON] = []
+    for ci, raw in enumerate(clusters):
+        where = f"scenario.clusters[{ci}]"
+        obj = _check_keys(raw, frozenset({"name", "hosts"}), where)
+        raw_hosts = _get(obj, "hosts", list, where)
+        hosts = [_validate_host(h, f"{where}.hosts[{hi}]") for hi, h in enumerate(raw_hosts)]
+        out.append({"name": _get(obj, "name", str, where), "hosts": hosts})
+    _check_unique([c["name"] for c in out], "scenario.clusters", "name")
+    all_hosts = [h["name"] for c in out for h in c["hosts"]]
+    _check_unique(all_hosts, "scenario.hosts", "name")
+    return out, {name.lower(): name for name in all_hosts}
+
+
+def _validate_host(raw: Any, where: str) -> JSON:
+    obj = _check_keys(raw, frozenset({"name", "memory_mb", "maintenance", "state"}), where)
+    name = _get(obj, "name", str, where)
+    if not name:
+        raise _fail(f"{where}.name", "a host needs a name")
+    memory = _get(obj, "memory_mb", int, where)
+    if memory <= 0:
+        raise _fail(f"{where}.memory_mb", f"expected a positive integer, got {memory}")
+    state = _one_of(_get(obj, "state", str, where, "Up"), _HOST_STATES, f"{where}.state")
+    maintenance = _get(obj, "maintenance", bool, where, False)
+    return {"name": name, "memory_mb": memory, "maintenance": maintenance, "state": state}
+
+
+def _validate_vm(raw: Any, where: str, hosts: dict[str, str]) -> JSON:
+    keys = frozenset({"id", "name", "host", "ha", "state", "memory_mb"})
+    obj = _check_keys(raw, keys, where)
+    host = _get(obj, "host", str, where)
+    if host.lower() not in hosts:
+        raise _fail(f"{where}.host", f"unknown host {host!r}")
+    memory = _get(obj, "memory_mb", int, where)
+    if memory <= 0:
+        raise _fail(f"{where}.memory_mb", f"expected a positive integer, got {memory}")
+    state = _one_of(_get(obj, "state", str, where, "Running"), _POWER_STATES, f"{where}.state")
+    vm_id = _get(obj, "id", str, where, None) or str(uuid.uuid4())
+    return {
+        "id": vm_id,
+        "name": _get(obj, "name", str, where),
+        "host": hosts[host.lower()],
+        "ha": _get(obj, "ha", bool, where, True),
+        "state": state,
+        "memory_mb": memory,
+    }
+
+
+def generate(
+    *, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed: int, cluster: str
+) -> JSON:
+    """A random scenario, deterministic by seed, in which the cluster can lose any one node."""
+    if hosts < 1 or vms < 0 or non_ha < 0 or stopped_ha < 0 or non_ha + stopped_ha > vms:
+        raise errors.UsageError(
+            "generate needs hosts >= 1 and 0 <= non_ha + stopped_ha <= vms "
+            f"(got hosts={hosts}, vms={vms}, non_ha={non_ha}, stopped_ha={stopped_ha})"
+        )
+    rng = random.Random(seed)
+    host_names = [f"hv{i + 1:02d}" for i in range(hosts)]
+    kinds = ["non_ha"] * non_ha + ["stopped"] * stopped_ha + ["ha"] * (vms - non_ha - stopped_ha)
+    rng.shuffle(kinds)
+    placement = [host_names[i % hosts] for i in range(vms)]
+    rng.shuffle(placement)
+    out_vms = [
+        {
+            "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "name": f"vm{i + 1:03d}",
+            "host": placement[i],
+            "ha": kinds[i] != "non_ha",
+            "state": "PowerOff" if kinds[i] == "stopped" else "Running",
+            "memory_mb": rng.choice((1024, 2048, 4096, 8192)),
+        }
+        for i in range(vms)
+    ]
+    memory = _host_memory(out_vms, host_names)
+    return {
+        "clusters": [
+            {"name": cluster, "hosts": [{"name": h, "memory_mb": memory} for h in host_names]}
+        ],
+        "vms": out_vms,
+    }
+
+
+def _host_memory(vms: list[JSON], hosts: list[str]) -> int:
+    """Host size such that greedy most-free placement fits everything on N-1 hosts."""
+    running = [v["memory_mb"] for v in vms if v["state"] == "Running"]
+    loads = [
+        sum(v["memory_mb"] for v in vms if v["host"] == h and v["state"] == "Running")
+        for h in hosts
+    ]
+    survivors = max(len(hosts) - 1, 1)
+    needed = max(
+        max(loads, default=0), math.ceil(sum(running) / survivors) + max(running, default=0)
+    )
+    step = 8192
+    return int(max(step, math.ceil(needed / step) * step))

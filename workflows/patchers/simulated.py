@@ -1,0 +1,29 @@
+"""The simulated patcher: "patches" a drained node of a SimulatedCluster by rebooting it."""
+
+from __future__ import annotations
+
+from workflows.backends import base
+from workflows.backends import simulated as sim
+
+
+class SimulatedPatcher:
+    """Implements `patchers.base.Patcher` over the simulator's `reboot_host` job.
+
+    The job installs a deterministic set of KBs for `patch_seconds` (simulated), then the host
+    reboots (not responding) and comes back Up. Its details carry `kbs`, `reboot` and `host`.
+    """
+
+    name = "simulated"
+
+    def __init__(self, cluster: sim.SimulatedCluster, *, patch_seconds: float = 60.0) -> None:
+        self._cluster = cluster
+        self._patch_seconds = patch_seconds
+
+    def begin(self, host: str) -> str:
+        return self._cluster.reboot_host(host, patch_seconds=self._patch_seconds)
+
+    def poll(self, ref: str) -> base.Job:
+        return self._cluster.job(ref)
+
+    def find(self, host: str) -> str | None:
+        return self._cluster.find_job("reboot_host", host)
