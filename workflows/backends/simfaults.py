@@ -44,6 +44,7 @@ _FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
     "transient": (frozenset(), frozenset({"op"}), 1),
     "auth_fails": (frozenset(), frozenset(), None),
 }
+_SIDE_EFFECTS = frozenset({"delete_vm", "move_vm", "set_state"})
 _HOST_STATES = frozenset(s.value for s in base.HostState)
 _POWER_STATES = frozenset(s.value for s in base.PowerState)
 _TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed"})
@@ -133,15 +134,51 @@ def take(faults: list[JSON], kind: str, matches: Callable[[JSON], bool]) -> JSON
     return None
 
 
-def take_all(faults: list[JSON], kind: str, matches: Callable[[JSON], bool]) -> list[JSON]:
-    """Fire every fault of this kind that matches (used for side effects triggered by an op)."""
+def take_all(faults: list[JSON], matches: Callable[[JSON], bool]) -> list[JSON]:
+    """Fire every fault that matches, in order (used for side effects triggered by an op)."""
     fired = []
-    for fault in [f for f in faults if f["type"] == kind and matches(f)]:
+    for fault in [f for f in faults if matches(f)]:
         fired.append(dict(fault))
         if fault["times"] is not None:
             fault["times"] -= 1
     faults[:] = [f for f in faults if f["times"] is None or f["times"] > 0]
     return fired
+
+
+def job_mode(faults: list[JSON], op: str, target: str) -> str:
+    """How a just-accepted job will go: normal, fail, hang or never_returns (fires the fault)."""
+
+    def hits(f: JSON) -> bool:
+        return bool(f["op"] == op and f.get("target", target).lower() == target.lower())
+
+    def host_hit(f: JSON) -> bool:
+        return bool(f["host"].lower() == target.lower())
+
+    if op == "reboot_host" and take(faults, "host_never_returns", host_hit):
+        return "never_returns"
+    if take(faults, "job_fails", hits):
+        return "fail"
+    if take(faults, "job_hangs", hits):
+        return "hang"
+    return "normal"
+
+
+def fire_call_faults(faults: list[JSON], op: str) -> None:
+    """Raise what a backend call of this op meets before it does anything, if anything."""
+    if take(faults, "auth_fails", lambda f: True):
+        raise errors.AuthenticationFailed("access denied (simulated)", command=op)
+    if take(faults, "transient", lambda f: f["op"] in (op, "any")):
+        raise errors.TransientBackendError("connection refused (simulated)")
+
+
+def take_side_effects(faults: list[JSON], op: str) -> list[JSON]:
+    """The delete_vm / move_vm / set_state faults that fire because a request of op was accepted."""
+    return take_all(faults, lambda f: f["type"] in _SIDE_EFFECTS and f["on"] == op)
+
+
+def migration_fails(faults: list[JSON], vm_id: str) -> bool:
+    """Whether this live migration of the VM fails (fires the fault)."""
+    return take(faults, "migration_fails", lambda f: f["vm"] == vm_id) is not None
 
 
 # -- scenarios ----------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def _load(path: Path) -> JSON:
         raise errors.BackendError(
             f"no simulated cluster at {path}; run `nodepatch sim init`"
         ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.BackendError(f"corrupt simulated cluster file {path}: {exc}") from exc
     return state
 
 
@@ -215,7 +217,7 @@ class _World:
             "started_at": self.now,
             "sim_start": self.state.get("sim_time", 0.0),
             "duration": start,
-            "mode": self.job_mode(op, target),
+            "mode": simfaults.job_mode(self.state["faults"], op, target),
             "steps": steps,
             "info": [],
             **extra,
@@ -227,21 +229,6 @@ class _World:
             self.conclude(job, noop)
         self.fire_side_faults(op)
         return str(job["id"])
-
-    def job_mode(self, op: str, target: str) -> str:
-        def hits(f: JSON) -> bool:
-            return bool(f["op"] == op and f.get("target", target).lower() == target.lower())
-
-        faults = self.state["faults"]
-        if op == "reboot_host" and simfaults.take(
-            faults, "host_never_returns", lambda f: f["host"].lower() == target.lower()
-        ):
-            return "never_returns"
-        if simfaults.take(faults, "job_fails", hits):
-            return "fail"
-        if simfaults.take(faults, "job_hangs", hits):
-            return "hang"
-        return "normal"
 
     def run(self, job: JSON) -> None:
         elapsed = self.elapsed(job)
@@ -286,23 +273,16 @@ class _World:
 
     # faults -----------------------------------------------------------------------------------
 
-    def fire_call_faults(self, op: str) -> None:
-        faults = self.state["faults"]
-        if simfaults.take(faults, "auth_fails", lambda f: True):
-            raise errors.AuthenticationFailed("access denied (simulated)", command=op)
-        if simfaults.take(faults, "transient", lambda f: f["op"] in (op, "any")):
-            raise errors.TransientBackendError("connection refused (simulated)")
-
     def fire_side_faults(self, op: str) -> None:
-        faults = self.state["faults"]
-        for f in simfaults.take_all(faults, "delete_vm", lambda f: f["on"] == op):
-            if self.find_vm(f["vm"]):
+        """Someone else acts on a VM because a request of op `on` was accepted."""
+        for f in simfaults.take_side_effects(self.state["faults"], op):
+            if self.find_vm(f["vm"]) is None:
+                continue
+            if f["type"] == "delete_vm":
                 self.admin_delete(f["vm"])
-        for f in simfaults.take_all(faults, "move_vm", lambda f: f["on"] == op):
-            if self.find_vm(f["vm"]) and self.find_host(f["to"]):
+            elif f["type"] == "move_vm" and self.find_host(f["to"]):
                 self.admin_move(f["vm"], f["to"])
-        for f in simfaults.take_all(faults, "set_state", lambda f: f["on"] == op):
-            if self.find_vm(f["vm"]):
+            elif f["type"] == "set_state":
                 self.admin_set_state(f["vm"], base.PowerState(f["state"]))
 
     # someone else -----------------------------------------------------------------------------
@@ -501,18 +481,11 @@ def _end_migrate(world: _World, job: JSON, step: JSON) -> None:
         or not world.fits(target, vm)
     ):
         target = _drain_target(world, job, vm)
-    if _migration_fails(world, vm["id"]) or target is None:
+    if simfaults.migration_fails(world.state["faults"], vm["id"]) or target is None:
         _fail_step(step, f"live migration of VM {_vm_label(world, vm['id'])} failed")
         return
     vm["host"] = target["name"]
     world.count("live_migrate", vm["id"])
-
-
-def _migration_fails(world: _World, vm_id: str) -> bool:
-    return (
-        simfaults.take(world.state["faults"], "migration_fails", lambda f: f["vm"] == vm_id)
-        is not None
-    )
 
 
 def _begin_drain_save(world: _World, job: JSON, step: JSON) -> None:
@@ -549,7 +522,7 @@ def _end_move(world: _World, job: JSON, step: JSON) -> None:
     vm, target = world.find_vm(step["vm"]), world.find_host(step["to"])
     if vm is None or target is None:
         _fail_step(step, f"VM {step['vm']} or host {step['to']} no longer exists")
-    elif _migration_fails(world, vm["id"]):
+    elif simfaults.migration_fails(world.state["faults"], vm["id"]):
         _fail_step(step, f"live migration of VM {_vm_label(world, vm['id'])} failed")
     elif (
         target["state"] != base.HostState.UP or target["maintenance"] or not world.fits(target, vm)
@@ -635,6 +608,7 @@ class SimulatedCluster:
         state = simfaults.build_state(scenario, speed=speed)
         state.update(sim_time=0.0, real_time=clock())
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         with _locked(target):
             _save(target, state)
         return cls(target, clock=clock)
@@ -665,7 +639,7 @@ class SimulatedCluster:
             world = _World(_load(self.path), self._clock())
             try:
                 if op is not None and guarded:
-                    world.fire_call_faults(op)
+                    simfaults.fire_call_faults(world.state["faults"], op)
             except (errors.BackendError, errors.TransientBackendError):
                 _save(self.path, world.state)
                 raise
