@@ -620,3 +620,11 @@ def test_two_processes_hammering_one_file_lose_no_update(path: Path) -> None:
     assert counts["inventory"] == 100
     assert counts[f"admin_set_state:{HA1}"] == counts[f"admin_set_state:{HA2}"] == 50
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_corrupt_state_file_is_a_backend_error(path: Path) -> None:
+    """A state file that is not JSON raises BackendError naming the file, not a decode error."""
+    cluster = SimulatedCluster.create(path, drain_scenario())
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(errors.BackendError, match="corrupt"):
+        cluster.inventory("c1")
