@@ -9,7 +9,7 @@ nothing by itself (the runner's heartbeat does) but checks the lease and the ste
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,16 @@ class JobOutcome:
     message: str
     details: Mapping[str, Any] = field(default_factory=dict)
     reattached: bool = False
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One external job to run: `name` is its journal key within the step."""
+
+    name: str
+    submit: Callable[[], str]
+    find: Callable[[], str | None] | None = None
+    label: str | None = None
 
 
 ProgressSink = Callable[[str], None]
@@ -98,62 +108,77 @@ class StepContext:
         label: str | None = None,
     ) -> JobOutcome:
         """Run one external job at most once per attempt, re-attaching after a crash."""
-        key = self.key(name)
+        spec = JobSpec(name, submit, find, label)
+        return self.run_jobs([spec], poll=poll, concurrency=1)[name]
+
+    def run_jobs(
+        self,
+        specs: Sequence[JobSpec],
+        *,
+        poll: Callable[[str], ExternalJob],
+        concurrency: int = 1,
+    ) -> dict[str, JobOutcome]:
+        """Run jobs with at most `concurrency` in flight; each is journaled: intent, then its
+        reference, then its outcome. Jobs already journaled are re-attached, not resubmitted."""
+        pending = list(specs)
+        active: dict[str, tuple[JobSpec, int, str, bool]] = {}
+        shown: dict[str, int] = {}
+        outcomes: dict[str, JobOutcome] = {}
+        while pending or active:
+            while pending and len(active) < max(concurrency, 1):
+                spec = pending.pop(0)
+                started = self._start(spec)
+                if isinstance(started, JobOutcome):
+                    outcomes[spec.name] = started
+                else:
+                    active[spec.name] = (spec, *started)
+            for name, (spec, attempt, ref, reattached) in list(active.items()):
+                job = poll(ref)
+                if spec.label and (job.progress != shown.get(name) or job.done):
+                    shown[name] = job.progress
+                    self.progress(f"{spec.label}: {job.progress}% {job.message}".rstrip())
+                if job.done:
+                    del active[name]
+                    outcomes[name] = self._finish(spec, attempt, ref, job, reattached)
+            if active:
+                self.wait()
+        return outcomes
+
+    def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:
+        key = self.key(spec.name)
         entry = self.store.journal(self.run.id, key)
         if entry and entry.status == "succeeded":
             result = dict(entry.result or {})
-            return JobOutcome(
-                True,
-                entry.external_ref or "",
-                result.get("message", ""),
-                result.get("details", {}),
-                reattached=True,
-            )
+            return JobOutcome(True, entry.external_ref or "", result.get("message", ""),
+                              result.get("details", {}), reattached=True)
         if entry and entry.status == "submitted" and entry.external_ref:
-            return self._follow(key, entry.attempt, entry.external_ref, poll, label, True)
-        attempt = (
-            entry.attempt
-            if entry and entry.status == "intent"
-            else (entry.attempt + 1 if entry else 1)
-        )
-        existing = find() if find else None
+            return entry.attempt, entry.external_ref, True
+        attempt = entry.attempt if entry and entry.status == "intent" else (
+            entry.attempt + 1 if entry else 1)
+        existing = spec.find() if spec.find else None
         if existing:
             self._journal(key, attempt, "submitted", ref=existing)
-            return self._follow(key, attempt, existing, poll, label, True)
+            return attempt, existing, True
         self._journal(key, attempt, "intent")
-        crashpoints.hit(f"before_submit:{name}")
+        crashpoints.hit(f"before_submit:{spec.name}")
         try:
-            ref = submit()
-        except errors.BackendError as exc:
+            ref = spec.submit()
+        except errors.BackendError as exc:  # refused: a failed job, for the step to judge
             self._journal(key, attempt, "failed", result={"message": str(exc)})
-            raise
-        crashpoints.hit(f"after_submit:{name}")
+            return JobOutcome(False, "", str(exc))
+        crashpoints.hit(f"after_submit:{spec.name}")
         self._journal(key, attempt, "submitted", ref=ref)
-        crashpoints.hit(f"after_journal:{name}")
-        return self._follow(key, attempt, ref, poll, label, False)
+        crashpoints.hit(f"after_journal:{spec.name}")
+        return attempt, ref, False
 
-    def _follow(
-        self,
-        key: str,
-        attempt: int,
-        ref: str,
-        poll: Callable[[str], ExternalJob],
-        label: str | None,
-        reattached: bool,
+    def _finish(
+        self, spec: JobSpec, attempt: int, ref: str, job: ExternalJob, reattached: bool
     ) -> JobOutcome:
-        shown = -1
-        while True:
-            job = poll(ref)
-            if label and (job.progress != shown or job.done):
-                shown = job.progress
-                self.progress(f"{label}: {job.progress}% {job.message}".rstrip())
-            if job.done:
-                break
-            self.wait()
         details = {str(k): str(v) for k, v in job.details.items()}
         status = "succeeded" if job.ok else "failed"
-        self._journal(key, attempt, status, result={"message": job.message, "details": details})
-        crashpoints.hit(f"after_outcome:{key.split(':', 1)[1]}")
+        self._journal(self.key(spec.name), attempt, status,
+                      result={"message": job.message, "details": details})
+        crashpoints.hit(f"after_outcome:{spec.name}")
         return JobOutcome(job.ok, ref, job.message, details, reattached)
 
     def _journal(

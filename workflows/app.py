@@ -1,0 +1,99 @@
+"""The composition root: settings + global options → store, backend, patchers, runner."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from engine import db, errors
+from engine.context import ProgressSink
+from engine.runner import Runner
+from engine.store import Store
+from workflows.backends.base import ClusterBackend
+from workflows.node_patch import NodePatch
+from workflows.patchers.base import Patcher
+from workflows.settings import Settings
+
+
+def actor() -> str:
+    """Who is acting, for the audit trail: user@host:pid."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class App:
+    settings: Settings
+    database_url: str
+    sim_file: str | None
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    progress: ProgressSink = lambda _msg: None
+
+    @cached_property
+    def store(self) -> Store:
+        engine = db.connect(self.database_url)
+        db.ensure_schema(engine, create_if_empty=engine.dialect.name == "sqlite")
+        return Store(engine)
+
+    @cached_property
+    def backend(self) -> ClusterBackend:
+        if self.sim_file or self.settings.backend == "simulated":
+            from workflows.backends.simulated import SimulatedCluster
+
+            path = self.sim_file or self.settings.sim_file
+            if not path:
+                raise errors.ConfigError(
+                    "backend.simulated.file: required for the simulated backend "
+                    "(or pass --sim FILE / set NODEPATCH_SIM)"
+                )
+            return SimulatedCluster(path)
+        from workflows.backends import connection
+
+        where = f"backend.{self.settings.backend}"
+        conn = connection.from_mapping(self.settings.connection, where, self.environ)
+        if self.settings.backend == "vmm":
+            from workflows.backends.vmm import VmmBackend
+
+            return VmmBackend(conn)
+        from workflows.backends.failover import FailoverBackend
+
+        return FailoverBackend(conn)
+
+    def patcher(self, kind: str) -> Patcher:
+        options: dict[str, Any] = dict(self.settings.patcher_options)
+        if kind == "simulated":
+            from workflows.backends.simulated import SimulatedCluster
+            from workflows.patchers.simulated import SimulatedPatcher
+
+            if not isinstance(self.backend, SimulatedCluster):
+                raise errors.ConfigError(
+                    "patcher.kind: simulated needs the simulated backend (--sim FILE)"
+                )
+            return SimulatedPatcher(
+                self.backend, patch_seconds=float(options.get("patch_seconds", 60))
+            )
+        from workflows.patchers import remote
+
+        return remote.build(kind, options, self.backend, self.environ)
+
+    def runner(self) -> Runner:
+        return Runner(
+            self.store,
+            NodePatch(self.backend, self.patcher).workflow(),
+            self.settings.runner,
+            actor=actor(),
+            progress=self.progress,
+        )
+
+    def close(self) -> None:
+        if "backend" in self.__dict__:
+            self.backend.close()
+        if "store" in self.__dict__:
+            self.store.engine.dispose()

@@ -1,0 +1,399 @@
+"""The node-patch workflow: Preflight → Draining → Patching → Enabling → Rebalancing → Done.
+
+Written against the ClusterBackend Protocol; every step re-reads the real cluster state first, so
+running it again (after a crash, a retry or an abort) does only what is still missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from engine import errors
+from engine.context import JobSpec, StepContext
+from engine.model import Run
+from engine.workflow import Advance, StepResult, Transition, Wait, Workflow
+from workflows import plan as planning
+from workflows.backends.base import ClusterBackend, Inventory, PowerState
+from workflows.patchers.base import Patcher
+
+PREFLIGHT, DRAINING, PATCHING = "Preflight", "Draining", "Patching"
+ENABLING, REBALANCING = "Enabling", "Rebalancing"
+DONE, FAILED, ABORTED = "Done", "Failed", "Aborted"
+STATES = (PREFLIGHT, DRAINING, PATCHING, ENABLING, REBALANCING, DONE, FAILED, ABORTED)
+PATCHED = "patched"
+EXTERNAL = "external"
+
+TRANSITIONS = (
+    Transition("drain", PREFLIGHT, DRAINING),
+    Transition("patch", DRAINING, PATCHING),
+    Transition("patched", PATCHING, ENABLING),
+    Transition("enabled", ENABLING, REBALANCING),
+    Transition("finish", REBALANCING, DONE),
+    Transition("finish_aborted", REBALANCING, ABORTED),
+    Transition("abort_unstarted", PREFLIGHT, ABORTED),
+    Transition("abort_unstarted", FAILED, ABORTED),
+    Transition("abort", DRAINING, ENABLING),
+    Transition("abort", PATCHING, ENABLING),
+    Transition("abort", FAILED, ENABLING),
+    Transition("abort", ENABLING, ENABLING),
+    Transition("abort", REBALANCING, REBALANCING),
+)
+
+
+def cluster_lock(cluster: str) -> str:
+    return f"cluster:{cluster.lower()}"
+
+
+def subject(cluster: str, node: str) -> str:
+    return f"{cluster}/{node}"
+
+
+def on_abort(run: Run) -> str | None:
+    untouched = run.state == PREFLIGHT or (run.state == FAILED and run.failed_from == PREFLIGHT)
+    return "abort_unstarted" if untouched else "abort"
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a run was started with; recorded in the run so a resume does the same thing."""
+
+    cluster: str
+    node: str
+    policies: planning.Policies
+    patcher: str
+    concurrency: int
+
+    @classmethod
+    def from_run(cls, run: Run) -> Params:
+        p = run.params
+        return cls(
+            cluster=p["cluster"],
+            node=p["node"],
+            policies=planning.Policies(
+                planning.NonHaPolicy(p["non_ha"]), planning.StoppedHaPolicy(p["stopped_ha"])
+            ),
+            patcher=p["patcher"],
+            concurrency=int(p["concurrency"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "node": self.node,
+            "non_ha": str(self.policies.non_ha),
+            "stopped_ha": str(self.policies.stopped_ha),
+            "patcher": self.patcher,
+            "concurrency": self.concurrency,
+        }
+
+
+class NodePatch:
+    """The steps, bound to a backend and a way to build the run's patcher."""
+
+    def __init__(self, backend: ClusterBackend, patcher: Callable[[str], Patcher]) -> None:
+        self.backend = backend
+        self.patcher = patcher
+
+    def workflow(self) -> Workflow:
+        return Workflow(
+            name="node_patch",
+            version=1,
+            states=STATES,
+            initial=PREFLIGHT,
+            failed=FAILED,
+            final=frozenset({DONE, ABORTED}),
+            transitions=TRANSITIONS,
+            steps={
+                PREFLIGHT: self.preflight,
+                DRAINING: self.drain,
+                PATCHING: self.patch,
+                ENABLING: self.enable,
+                REBALANCING: self.rebalance,
+            },
+            signals=frozenset({PATCHED}),
+            on_abort=on_abort,
+        )
+
+    # ---- Preflight ---------------------------------------------------------------------
+
+    def preflight(self, ctx: StepContext) -> StepResult:
+        p = Params.from_run(ctx.run)
+        lock = cluster_lock(p.cluster)
+        holder = ctx.store.lock_holder(lock)
+        inventory = self.backend.inventory(p.cluster)
+        result = planning.make_plan(
+            inventory, p.node, p.policies,
+            lock_holder=holder if holder and holder != ctx.run.id else None,
+        )
+        snapshot = result.to_json()
+        ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")
+        if not result.ok:
+            return Advance("fail", publish={"snapshot": snapshot},
+                           details={"reason": "; ".join(result.problems)})
+        return Advance("drain", publish={"snapshot": snapshot}, acquire=(lock,))
+
+    # ---- Draining ----------------------------------------------------------------------
+
+    def drain(self, ctx: StepContext) -> StepResult:
+        p = Params.from_run(ctx.run)
+        snapshot = planning.Plan.from_json(ctx.published["snapshot"])
+        self._pre_drain_actions(ctx, p, snapshot)
+        self._enter_maintenance(ctx, p)
+        inventory = self.backend.inventory(p.cluster)
+        host = inventory.host(p.node)
+        if host is None or not host.maintenance:
+            raise errors.StepFailed(f"{p.node} is not in maintenance mode after the drain")
+        left = [vm for vm in inventory.vms_on(p.node) if vm.state is PowerState.RUNNING]
+        if left:
+            names = ", ".join(f"{vm.name!r} ({vm.id})" for vm in left)
+            raise errors.StepFailed(f"VMs still running on {p.node} after the drain: {names}")
+        return Advance("patch", publish={"drained": _placement(inventory, snapshot)})
+
+    def _pre_drain_actions(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> None:
+        inventory = self.backend.inventory(p.cluster)
+        specs: list[JobSpec] = []
+        for planned in snapshot.vms:
+            vm = inventory.vm(planned.id)
+            if vm is None or vm.host.lower() != p.node.lower():
+                continue
+            action = planning.Action(planned.action)
+            if action is planning.Action.SAVE and vm.state is PowerState.RUNNING:
+                specs.append(self._spec("save_vm", vm.id, self.backend.save_vm, planned.name))
+            elif action is planning.Action.SHUTDOWN and vm.state is PowerState.RUNNING:
+                specs.append(self._spec("shutdown_vm", vm.id, self.backend.shutdown_vm,
+                                        planned.name))
+            elif action.moves_before_drain:
+                target = _target(inventory, p.node, planned)
+                specs.append(self._move_spec(vm.id, target, planned.name))
+        self._all_ok(ctx, specs, p.concurrency, "before the drain")
+
+    def _enter_maintenance(self, ctx: StepContext, p: Params) -> None:
+        inventory = self.backend.inventory(p.cluster)
+        host = inventory.host(p.node)
+        if host is not None and host.maintenance:
+            return
+        outcome = ctx.run_job(
+            "enter_maintenance",
+            submit=lambda: self.backend.enter_maintenance(p.node),
+            poll=self.backend.job,
+            find=lambda: self.backend.find_job("enter_maintenance", p.node),
+            label=f"draining {p.node}",
+        )
+        if outcome.ok:
+            return
+        # The drain failed (typically one VM would not migrate). Move the running HA VMs
+        # still on the node one by one, then try maintenance once more.
+        ctx.progress(f"drain failed: {outcome.message}; moving the remaining VMs one by one")
+        inventory = self.backend.inventory(p.cluster)
+        stuck = [vm for vm in inventory.vms_on(p.node) if vm.ha and vm.uses_memory]
+        specs = []
+        for vm in stuck:
+            planned = planning.PlannedVm(vm.id, vm.name, vm.ha, str(vm.state), vm.host,
+                                         vm.memory_mb, str(planning.Action.LIVE_MIGRATE))
+            specs.append(self._move_spec(vm.id, _target(inventory, p.node, planned), vm.name))
+        self._all_ok(ctx, specs, 1, f"after the failed drain ({outcome.message})")
+        second = ctx.run_job(
+            "enter_maintenance_again",
+            submit=lambda: self.backend.enter_maintenance(p.node),
+            poll=self.backend.job,
+            find=lambda: self.backend.find_job("enter_maintenance", p.node),
+            label=f"draining {p.node}",
+        )
+        if not second.ok:
+            raise errors.StepFailed(f"could not put {p.node} in maintenance: {second.message}")
+
+    # ---- Patching ----------------------------------------------------------------------
+
+    def patch(self, ctx: StepContext) -> StepResult:
+        p = Params.from_run(ctx.run)
+        if p.patcher == EXTERNAL:
+            if ctx.signal_pending(PATCHED):
+                return Advance("patched", consume=(PATCHED,),
+                               publish={"patch": {"patcher": EXTERNAL}})
+            return Wait(PATCHED, f"patch {p.node}, then run `nodepatch signal {ctx.run.id} "
+                                 f"{PATCHED}` and `nodepatch resume {ctx.run.id}`")
+        patcher = self.patcher(p.patcher)
+        outcome = ctx.run_job(
+            "patch",
+            submit=lambda: patcher.begin(p.node),
+            poll=patcher.poll,
+            find=lambda: patcher.find(p.node),
+            label=f"patching {p.node}",
+        )
+        if not outcome.ok:
+            raise errors.StepFailed(
+                f"patching {p.node} failed: {outcome.message}; the node stays in maintenance"
+            )
+        return Advance("patched", publish={"patch": {"patcher": p.patcher, **outcome.details}})
+
+    # ---- Enabling ----------------------------------------------------------------------
+
+    def enable(self, ctx: StepContext) -> StepResult:
+        p = Params.from_run(ctx.run)
+        host = self._wait_responding(ctx, p)
+        if host.maintenance:
+            outcome = ctx.run_job(
+                "exit_maintenance",
+                submit=lambda: self.backend.exit_maintenance(p.node),
+                poll=self.backend.job,
+                find=lambda: self.backend.find_job("exit_maintenance", p.node),
+                label=f"enabling {p.node}",
+            )
+            if not outcome.ok:
+                raise errors.StepFailed(f"could not take {p.node} out of maintenance: "
+                                        f"{outcome.message}")
+        host = self.backend.inventory(p.cluster).host(p.node)
+        if host is None or host.maintenance or not host.available_for_placement:
+            raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
+        return Advance("enabled")
+
+    def _wait_responding(self, ctx: StepContext, p: Params) -> Any:
+        said = False
+        while True:
+            host = self.backend.inventory(p.cluster).host(p.node)
+            if host is None:
+                raise errors.StepFailed(f"{p.node} is no longer in cluster {p.cluster}")
+            if host.responding:
+                return host
+            if not said:
+                ctx.progress(f"waiting for {p.node} to respond ({host.state})")
+                said = True
+            ctx.wait()
+
+    # ---- Rebalancing -------------------------------------------------------------------
+
+    def rebalance(self, ctx: StepContext) -> StepResult:
+        p = Params.from_run(ctx.run)
+        snapshot = planning.Plan.from_json(ctx.published["snapshot"])
+        drained: Mapping[str, Any] = ctx.published.get("drained", {})
+        inventory = self.backend.inventory(p.cluster)
+        report: dict[str, dict[str, Any]] = {}
+        specs: list[JobSpec] = []
+        free = inventory.free_memory_mb(p.node)
+        for planned in snapshot.vms:
+            vm = inventory.vm(planned.id)
+            entry = report[planned.id] = _report_entry(planned, vm, drained)
+            if vm is None or vm.host.lower() == p.node.lower():
+                continue
+            expected = drained.get(planned.id, {}).get("host")
+            if expected is None or vm.host.lower() != str(expected).lower():
+                entry["outcome"] = f"skipped: moved by someone else to {vm.host}"
+                continue
+            needs = vm.memory_mb if vm.uses_memory else 0
+            if needs > free:
+                entry["outcome"] = (f"skipped: not enough memory on {p.node} "
+                                    f"({free} MB free, {needs} MB needed)")
+                continue
+            free -= needs
+            specs.append(self._move_spec(vm.id, p.node, planned.name))
+        failures = self._run(ctx, specs, p.concurrency, report, "move back")
+        failures += self._restore_power(ctx, p, snapshot, report)
+        publish = {"rebalance": list(report.values())}
+        if failures:
+            return Advance("fail", publish=publish, details={"reason": "; ".join(failures)})
+        trigger = "finish_aborted" if "aborted" in ctx.published else "finish"
+        return Advance(trigger, publish=publish, release=(cluster_lock(p.cluster),))
+
+    def _restore_power(
+        self, ctx: StepContext, p: Params, snapshot: planning.Plan,
+        report: dict[str, dict[str, Any]],
+    ) -> list[str]:
+        inventory = self.backend.inventory(p.cluster)
+        specs = []
+        changed_by_us = {planning.Action.SAVE, planning.Action.SHUTDOWN, planning.Action.MIGRATE,
+                         planning.Action.LIVE_MIGRATE}
+        for planned in snapshot.vms:
+            vm = inventory.vm(planned.id)
+            entry = report[planned.id]
+            if vm is None or entry["outcome"].startswith("skipped"):
+                continue
+            if planned.state != PowerState.RUNNING or vm.state is PowerState.RUNNING:
+                continue
+            if planning.Action(planned.action) not in changed_by_us or vm.state is PowerState.PAUSED:
+                continue
+            specs.append(self._spec("start_vm", vm.id, self.backend.start_vm, planned.name))
+        return self._run(ctx, specs, p.concurrency, report, "start")
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _spec(self, kind: str, vm_id: str, call: Callable[[str], str], name: str) -> JobSpec:
+        return JobSpec(
+            name=f"{kind}:{vm_id}",
+            submit=lambda: call(vm_id),
+            find=lambda: self.backend.find_job(kind, vm_id),
+            label=f"{kind.replace('_vm', '')} {name}",
+        )
+
+    def _move_spec(self, vm_id: str, host: str, name: str) -> JobSpec:
+        return JobSpec(
+            name=f"move_vm:{vm_id}->{host}",
+            submit=lambda: self.backend.move_vm(vm_id, host),
+            find=lambda: self.backend.find_job("move_vm", vm_id),
+            label=f"move {name} to {host}",
+        )
+
+    def _all_ok(self, ctx: StepContext, specs: list[JobSpec], concurrency: int,
+                when: str) -> None:
+        outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=concurrency)
+        failed = [f"{name}: {o.message}" for name, o in outcomes.items() if not o.ok]
+        if failed:
+            raise errors.StepFailed(f"failed {when}: " + "; ".join(failed))
+
+    def _run(self, ctx: StepContext, specs: list[JobSpec], concurrency: int,
+             report: dict[str, dict[str, Any]], what: str) -> list[str]:
+        """Run jobs, recording each VM's outcome; a refused or failed job fails only its VM."""
+        outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=concurrency)
+        failures: list[str] = []
+        for spec in specs:
+            entry = report[_vm_of(spec)]
+            outcome = outcomes[spec.name]
+            if not outcome.ok:
+                entry["outcome"] = f"failed to {what}: {outcome.message}"
+                failures.append(f"{entry['name']!r} ({entry['id']}): {outcome.message}")
+            elif what == "start":
+                moved = entry["outcome"] == "moved back"
+                entry["outcome"] = "moved back, started" if moved else "started"
+            else:
+                entry["outcome"] = "moved back"
+        return failures
+
+
+def _vm_of(spec: JobSpec) -> str:
+    """The VM ID in a job name such as `move_vm:<id>-><host>` or `start_vm:<id>`."""
+    return spec.name.split(":", 1)[1].split("->", 1)[0]
+
+
+def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str:
+    """Where to move a VM now: its planned target if it still fits, else the best fit."""
+    vm = inventory.vm(planned.id)
+    if vm is None:
+        raise errors.StepFailed(f"VM {planned.name!r} ({planned.id}) disappeared")
+    targets, problems = planning.place(inventory, node, [(vm, planning.Action(planned.action))])
+    if problems:
+        raise errors.StepFailed("; ".join(problems))
+    return targets[vm.id]
+
+
+def _placement(inventory: Inventory, snapshot: planning.Plan) -> dict[str, Any]:
+    out = {}
+    for planned in snapshot.vms:
+        vm = inventory.vm(planned.id)
+        if vm is not None:
+            out[planned.id] = {"host": vm.host, "state": str(vm.state)}
+    return out
+
+
+def _report_entry(planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any]) -> dict[str, Any]:
+    during = drained.get(planned.id, {}).get("host", planned.host)
+    return {
+        "id": planned.id,
+        "name": planned.name,
+        "from": planned.host,
+        "to": during,
+        "action": planned.action,
+        "state_before": planned.state,
+        "outcome": "deleted during the run" if vm is None else (
+            "in place" if vm.host.lower() == planned.host.lower() else "pending"),
+    }

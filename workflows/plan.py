@@ -1,0 +1,187 @@
+"""Preflight planning, pure: classify every VM on the node and check the cluster can take them.
+
+Rules from the field (the original write-up): running non-HA VMs are saved by maintenance mode
+(rule 1), HA VMs that are off or saved are not moved (rule 2), and nothing moves back by itself
+(rule 3). The plan decides an action per VM, identified by ID, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine import errors
+from workflows.backends.base import HostState, Inventory, PowerState, Vm
+
+
+class NonHaPolicy(enum.StrEnum):
+    BLOCK = "block"
+    SAVE = "save"
+    SHUTDOWN = "shutdown"
+    MIGRATE = "migrate"
+
+
+class StoppedHaPolicy(enum.StrEnum):
+    LEAVE = "leave"
+    EVACUATE = "evacuate"
+
+
+class Action(enum.StrEnum):
+    LIVE_MIGRATE = "live-migrate"  # moved by the drain itself
+    SAVE = "save"  # saved before the drain, resumed after
+    SHUTDOWN = "shutdown"  # guest shutdown before the drain, started after
+    MIGRATE = "migrate"  # non-HA, moved before the drain, moved back after
+    EVACUATE = "evacuate"  # HA but not running, moved before the drain, moved back after
+    LEAVE = "leave"  # not running, stays on the node
+    BLOCKED = "blocked"  # the policy forbids patching while this VM runs here
+
+    @property
+    def moves_before_drain(self) -> bool:
+        return self in (Action.MIGRATE, Action.EVACUATE)
+
+
+@dataclass(frozen=True)
+class Policies:
+    non_ha: NonHaPolicy = NonHaPolicy.BLOCK
+    stopped_ha: StoppedHaPolicy = StoppedHaPolicy.LEAVE
+
+
+@dataclass(frozen=True)
+class PlannedVm:
+    id: str
+    name: str
+    ha: bool
+    state: str
+    host: str
+    memory_mb: int
+    action: str
+    target: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlannedVm:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    cluster: str
+    node: str
+    vms: tuple[PlannedVm, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "node": self.node,
+            "vms": [vm.to_json() for vm in self.vms],
+            "problems": list(self.problems),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(
+            cluster=data["cluster"],
+            node=data["node"],
+            vms=tuple(PlannedVm.from_json(v) for v in data["vms"]),
+            problems=tuple(data.get("problems", ())),
+        )
+
+
+def classify(vm: Vm, policies: Policies) -> Action:
+    running = vm.state is PowerState.RUNNING or vm.state is PowerState.PAUSED
+    if vm.ha:
+        if running:
+            return Action.LIVE_MIGRATE
+        return Action.EVACUATE if policies.stopped_ha is StoppedHaPolicy.EVACUATE else Action.LEAVE
+    if not running:
+        return Action.LEAVE
+    return {
+        NonHaPolicy.BLOCK: Action.BLOCKED,
+        NonHaPolicy.SAVE: Action.SAVE,
+        NonHaPolicy.SHUTDOWN: Action.SHUTDOWN,
+        NonHaPolicy.MIGRATE: Action.MIGRATE,
+    }[policies.non_ha]
+
+
+def make_plan(
+    inventory: Inventory, node: str, policies: Policies, *, lock_holder: str | None = None
+) -> Plan:
+    """The per-VM plan for draining node, and every reason not to start now."""
+    host = inventory.host(node)
+    if host is None:
+        known = ", ".join(h.name for h in inventory.hosts)
+        raise errors.UsageError(
+            f"node {node!r} is not in cluster {inventory.cluster!r} (nodes: {known})"
+        )
+    problems: list[str] = []
+    if lock_holder:
+        problems.append(f"cluster {inventory.cluster} is held by nodepatch run {lock_holder}")
+    problems += _cluster_problems(inventory, host.name)
+    planned = [(vm, classify(vm, policies)) for vm in inventory.vms_on(host.name)]
+    blocked = [vm for vm, action in planned if action is Action.BLOCKED]
+    if blocked:
+        problems.append(
+            "running non-HA VMs would be saved by maintenance mode (policy non_ha=block): "
+            + ", ".join(_label(vm) for vm in blocked)
+        )
+    targets, capacity = place(inventory, host.name, [(vm, a) for vm, a in planned])
+    problems += capacity
+    vms = tuple(
+        PlannedVm(vm.id, vm.name, vm.ha, str(vm.state), vm.host, vm.memory_mb, str(action),
+                  targets.get(vm.id))
+        for vm, action in planned
+    )
+    return Plan(inventory.cluster, host.name, vms, tuple(problems))
+
+
+def _cluster_problems(inventory: Inventory, node: str) -> list[str]:
+    problems = []
+    for other in inventory.hosts:
+        if other.state is not HostState.UP:
+            problems.append(f"node {other.name} is {other.state.value.lower()}")
+        elif other.maintenance and other.name != node:
+            problems.append(f"node {other.name} is already in maintenance mode")
+        elif other.maintenance:
+            problems.append(f"node {node} is already in maintenance mode (not by this run)")
+    return problems
+
+
+def place(
+    inventory: Inventory, node: str, planned: Iterable[tuple[Vm, Action]]
+) -> tuple[dict[str, str], list[str]]:
+    """Greedy placement of the node's VMs on the other nodes, largest first, each on the node
+    with the most free memory. Returns the targets and the VMs that fit nowhere."""
+    free = {
+        h.name: inventory.free_memory_mb(h.name)
+        for h in inventory.hosts
+        if h.name != node and h.state is HostState.UP and not h.maintenance
+    }
+    targets: dict[str, str] = {}
+    problems: list[str] = []
+    moving = [(vm, a) for vm, a in planned if a in (Action.LIVE_MIGRATE, Action.MIGRATE,
+                                                    Action.EVACUATE)]
+    for vm, action in sorted(moving, key=lambda p: -p[0].memory_mb):
+        needs = vm.memory_mb if action is not Action.EVACUATE else 0
+        fits = [h for h, mb in free.items() if mb >= needs]
+        if not fits:
+            problems.append(
+                f"not enough memory on the remaining nodes for {_label(vm)} ({vm.memory_mb} MB)"
+            )
+            continue
+        best = max(fits, key=lambda h: free[h])
+        free[best] -= needs
+        targets[vm.id] = best
+    return targets, problems
+
+
+def _label(vm: Vm) -> str:
+    return f"{vm.name!r} ({vm.id})"
