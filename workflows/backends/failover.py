@@ -52,7 +52,9 @@ class FailoverBackend:
     def inventory(self, cluster: str) -> base.Inventory:
         name = self._cluster_name()
         if name.lower() != cluster.split(".", 1)[0].lower():
-            raise errors.BackendError(f"unknown cluster {cluster!r} (this is {name})", target=cluster)
+            raise errors.BackendError(
+                f"unknown cluster {cluster!r} (this is {name})", target=cluster
+            )
         nodes = [psrp.props(n) for n in self._run([psrp.Cmd("Get-ClusterNode"), _sel(NODE_FIELDS)])]
         names = [str(n["Name"]) for n in nodes]
         memory = self._node_memory(names)
@@ -69,7 +71,11 @@ class FailoverBackend:
         if kind == "exit_maintenance":
             node = self._node(target)
             ok = str(node.get("State")).lower() == "up"
-            return _job(job_id, ok, f"node {target} resumed" if ok else f"node {target} is {node.get('State')}")
+            return _job(
+                job_id,
+                ok,
+                f"node {target} resumed" if ok else f"node {target} is {node.get('State')}",
+            )
         vm = self._vm(target)
         if kind == "move_vm" and len(parts) == 4:
             ok = vm.host.lower() == parts[3].lower()
@@ -140,11 +146,16 @@ class FailoverBackend:
         cmd = psrp.Cmd("Get-ClusterNode", {"Name": host, "ErrorAction": "SilentlyContinue"})
         found = self._run([cmd, _sel(NODE_FIELDS)], host)
         if not found:
-            raise errors.BackendError(f"unknown host {host!r}: not a node of this cluster", target=host)
+            raise errors.BackendError(
+                f"unknown host {host!r}: not a node of this cluster", target=host
+            )
         return psrp.props(found[0])
 
     def _node_memory(self, names: list[str]) -> dict[str, int]:
-        cmds = [psrp.Cmd("Get-VMHost", {"ComputerName": names}), _sel(["ComputerName", "MemoryCapacity"])]
+        cmds = [
+            psrp.Cmd("Get-VMHost", {"ComputerName": names}),
+            _sel(["ComputerName", "MemoryCapacity"]),
+        ]
         rows = [psrp.props(r) for r in self._run(cmds)]
         return {str(r["ComputerName"]).lower(): int(r["MemoryCapacity"]) // 2**20 for r in rows}
 
@@ -158,7 +169,10 @@ class FailoverBackend:
 
     def _vm(self, vm_id: str) -> base.Vm:
         _guid(vm_id)
-        nodes = [str(psrp.props(n)["Name"]) for n in self._run([psrp.Cmd("Get-ClusterNode"), _sel(["Name"])])]
+        nodes = [
+            str(psrp.props(n)["Name"])
+            for n in self._run([psrp.Cmd("Get-ClusterNode"), _sel(["Name"])])
+        ]
         found = self._vms(nodes, vm_id)
         if not found:
             raise errors.BackendError(f"unknown VM {vm_id!r}", target=vm_id)

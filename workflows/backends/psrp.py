@@ -30,13 +30,40 @@ from workflows.backends import connection
 
 log = logging.getLogger(__name__)
 
-ERROR_CATEGORIES = (
-    "NotSpecified OpenError CloseError DeviceError DeadlockDetected InvalidArgument InvalidData "
-    "InvalidOperation InvalidResult InvalidType MetadataError NotImplemented NotInstalled "
-    "ObjectNotFound OperationStopped OperationTimeout SyntaxError ParserError PermissionDenied "
-    "ResourceBusy ResourceExists ResourceUnavailable ReadError WriteError FromStdErr SecurityError "
-    "ProtocolError ConnectionError AuthenticationError LimitsExceeded QuotaExceeded NotEnabled"
-).split()
+ERROR_CATEGORIES = [
+    "NotSpecified",
+    "OpenError",
+    "CloseError",
+    "DeviceError",
+    "DeadlockDetected",
+    "InvalidArgument",
+    "InvalidData",
+    "InvalidOperation",
+    "InvalidResult",
+    "InvalidType",
+    "MetadataError",
+    "NotImplemented",
+    "NotInstalled",
+    "ObjectNotFound",
+    "OperationStopped",
+    "OperationTimeout",
+    "SyntaxError",
+    "ParserError",
+    "PermissionDenied",
+    "ResourceBusy",
+    "ResourceExists",
+    "ResourceUnavailable",
+    "ReadError",
+    "WriteError",
+    "FromStdErr",
+    "SecurityError",
+    "ProtocolError",
+    "ConnectionError",
+    "AuthenticationError",
+    "LimitsExceeded",
+    "QuotaExceeded",
+    "NotEnabled",
+]
 WSMAN_ACCESS_DENIED = 5
 WSMAN_ACCESS_DENIED_HRESULT = 0x80070005
 
@@ -64,6 +91,10 @@ def classify(exc: BaseException, server: str) -> errors.EngineError | None:
         return _classify_fault(exc, server)
     if isinstance(exc, psrp_exc.WinRMTransportError):
         return _classify_http(exc.code, server)
+    return _classify_network(exc, server)
+
+
+def _classify_network(exc: BaseException, server: str) -> errors.EngineError | None:
     if isinstance(exc, requests.exceptions.SSLError | ssl.SSLError):
         return errors.BackendError(
             f"TLS handshake with {server} failed: {_root(exc)}", target=server
@@ -202,7 +233,7 @@ class Session:
         if self._wsman is not None:
             try:
                 self._wsman.close()
-            except Exception:  # noqa: BLE001 - closing a dead transport may fail in many ways
+            except Exception:
                 log.debug("ignoring error while closing transport", exc_info=True)
         self._wsman = None
         self._pool = None
@@ -211,7 +242,7 @@ class Session:
         if self._pool is not None:
             try:
                 self._pool.close()
-            except Exception:  # noqa: BLE001 - best effort: the server may be gone
+            except Exception:
                 log.debug("ignoring error while closing runspace pool", exc_info=True)
         self.reset()
 
@@ -235,5 +266,5 @@ def _build(ps: Any, commands: Sequence[Cmd]) -> None:
 def _close_quietly(ps: Any) -> None:
     try:
         ps.close()
-    except Exception:  # noqa: BLE001 - releasing server resources is best effort
+    except Exception:
         log.debug("ignoring error while closing pipeline", exc_info=True)

@@ -57,7 +57,7 @@ JOB_NAMES: Mapping[str, tuple[str, ...]] = {
     "save_vm": ("Save state virtual machine", "Save virtual machine"),
     "shutdown_vm": ("Shut down virtual machine", "Stop virtual machine"),
 }
-POWER_CMDLETS = {
+POWER_CMDLETS: Mapping[str, tuple[str, Mapping[str, object]]] = {
     "save_vm": ("SaveState-SCVirtualMachine", {}),
     "shutdown_vm": ("Stop-SCVirtualMachine", {"Shutdown": True}),
 }
@@ -164,14 +164,14 @@ class VmmBackend:
             raise errors.BackendError(f"unknown VM {vm_id!r}", target=vm_id)
         return psrp.props(found[0])
 
-    def _host_job(self, cmdlet: str, host: str, params: dict[str, object]) -> str:
+    def _host_job(self, cmdlet: str, host: str, params: Mapping[str, object]) -> str:
         getter = psrp.Cmd("Get-SCVMHost", {"ComputerName": host})
         job_id = self._async_job(getter, cmdlet, params, host)
         if job_id is None:
             raise errors.BackendError(f"unknown host {host!r}: VMM does not manage it", target=host)
         return job_id
 
-    def _vm_job(self, cmdlet: str, vm_id: str, params: dict[str, object]) -> str:
+    def _vm_job(self, cmdlet: str, vm_id: str, params: Mapping[str, object]) -> str:
         getter = psrp.Cmd("Get-SCVirtualMachine", {"ID": _guid(vm_id, "VM")})
         job_id = self._async_job(getter, cmdlet, params, vm_id)
         if job_id is None:
@@ -179,7 +179,7 @@ class VmmBackend:
         return job_id
 
     def _async_job(
-        self, getter: psrp.Cmd, cmdlet: str, params: dict[str, object], target: str
+        self, getter: psrp.Cmd, cmdlet: str, params: Mapping[str, object], target: str
     ) -> str | None:
         """`getter | cmdlet -RunAsynchronously -JobVariable v`, then the job ID from `v`."""
         variable = _job_variable()
