@@ -33,7 +33,9 @@ class Endpoint:
         if standin.tls is not None:
             self.httpd.socket = standin.tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port: int = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self.thread.start()
 
     def stop(self) -> None:
