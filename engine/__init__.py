@@ -1,1 +1,4 @@
-"""A small durable state-machine engine on SQL: runs, audit events, published data, a step journal."""
+"""A small durable state-machine engine on SQL.
+
+Runs, their audit events, published data, a step journal, leases, locks and signals.
+"""

@@ -149,12 +149,20 @@ class StepContext:
         entry = self.store.journal(self.run.id, key)
         if entry and entry.status == "succeeded":
             result = dict(entry.result or {})
-            return JobOutcome(True, entry.external_ref or "", result.get("message", ""),
-                              result.get("details", {}), reattached=True)
+            return JobOutcome(
+                True,
+                entry.external_ref or "",
+                result.get("message", ""),
+                result.get("details", {}),
+                reattached=True,
+            )
         if entry and entry.status == "submitted" and entry.external_ref:
             return entry.attempt, entry.external_ref, True
-        attempt = entry.attempt if entry and entry.status == "intent" else (
-            entry.attempt + 1 if entry else 1)
+        attempt = (
+            entry.attempt
+            if entry and entry.status == "intent"
+            else (entry.attempt + 1 if entry else 1)
+        )
         existing = spec.find() if spec.find else None
         if existing:
             self._journal(key, attempt, "submitted", ref=existing)
@@ -176,8 +184,12 @@ class StepContext:
     ) -> JobOutcome:
         details = {str(k): str(v) for k, v in job.details.items()}
         status = "succeeded" if job.ok else "failed"
-        self._journal(self.key(spec.name), attempt, status,
-                      result={"message": job.message, "details": details})
+        self._journal(
+            self.key(spec.name),
+            attempt,
+            status,
+            result={"message": job.message, "details": details},
+        )
         crashpoints.hit(f"after_outcome:{spec.name}")
         return JobOutcome(job.ok, ref, job.message, details, reattached)
 

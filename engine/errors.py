@@ -73,7 +73,7 @@ class StepTimeout(StepFailed):
 
 
 class TransientError(EngineError):
-    """A temporary failure (connection refused, reset, timeout): the step is retried with backoff."""
+    """A temporary failure (connection refused, reset, timeout); the step is retried."""
 
 
 class BackendError(StepFailed):
@@ -91,6 +91,10 @@ class BackendError(StepFailed):
         self.category = category
         self.target = target
         self.command = command
+
+
+class NotFound(BackendError):
+    """The cluster, host or VM named does not exist."""
 
 
 class TransientBackendError(TransientError):

@@ -40,7 +40,7 @@ class Run:
     finished_at: dt.datetime | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Run:
+    def from_row(cls, row: Mapping[Any, Any]) -> Run:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         for name in ("lease_expires_at", "created_at", "updated_at", "finished_at"):
             values[name] = as_utc(values[name])
@@ -69,7 +69,7 @@ class Event:
     hash: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Event:
+    def from_row(cls, row: Mapping[Any, Any]) -> Event:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["occurred_at"] = as_utc(values["occurred_at"])
         return cls(**values)
@@ -99,7 +99,7 @@ class JournalEntry:
     result: Mapping[str, Any] | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> JournalEntry:
+    def from_row(cls, row: Mapping[Any, Any]) -> JournalEntry:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
 

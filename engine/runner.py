@@ -144,9 +144,11 @@ class Runner:
                 trigger = self.workflow.on_abort(run)
                 if trigger is None:
                     raise errors.UsageError(f"run {run.id} cannot be aborted in {run.state}")
-                self._fire(
-                    lease, run, Advance(trigger, consume=(ABORT,), details={"operator": "abort"})
+                aborted = {"by": self.actor, "in": run.state}
+                abort = Advance(
+                    trigger, consume=(ABORT,), details=aborted, publish={"aborted": aborted}
                 )
+                self._fire(lease, run, abort)
                 continue
             if run.state == self.workflow.failed:
                 if not (retry and run.failed_from):

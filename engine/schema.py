@@ -1,4 +1,4 @@
-"""The engine's tables. The schema itself is created only by the alembic migrations in migrations/."""
+"""The engine's tables. The schema is created only by the alembic migrations (migrations/)."""
 
 from __future__ import annotations
 

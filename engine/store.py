@@ -324,7 +324,15 @@ class Store:
             )
             self._consume(conn, lease.run_id, consume, now, new_version)
             for key, value in (publish or {}).items():
-                self._publish(conn, lease.run_id, from_state, key, value, new_version, now)
+                self._publish(
+                    conn,
+                    lease.run_id,
+                    step=from_state,
+                    key=key,
+                    value=value,
+                    version=new_version,
+                    now=now,
+                )
             event_details = dict(details or {})
             if error:
                 event_details["error"] = dict(error)
@@ -492,6 +500,7 @@ class Store:
         self,
         conn: sa.Connection,
         run_id: str,
+        *,
         step: str,
         key: str,
         value: Any,

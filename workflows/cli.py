@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -19,6 +19,7 @@ from engine.runner import Stop
 from workflows import plan as planning
 from workflows import render, settings
 from workflows.app import App
+from workflows.backends.base import Inventory
 from workflows.node_patch import ABORTED, DONE, STATES, NodePatch, Params, subject
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY = 0, 1, 2, 3, 4
@@ -46,8 +47,11 @@ class Cli(click.Group):
         except errors.EngineError as exc:
             _die(str(exc), EXIT_FAILED, exc if debug else None)
         except Exception as exc:  # noqa: BLE001 - the edge: no traceback unless --debug
-            _die(f"internal error: {exc!r} (run with --debug for details)", EXIT_FAILED,
-                 exc if debug else None)
+            _die(
+                f"internal error: {exc!r} (run with --debug for details)",
+                EXIT_FAILED,
+                exc if debug else None,
+            )
 
 
 def _die(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
@@ -67,21 +71,38 @@ def _progress_sink(enabled: bool) -> Callable[[str], None]:
 
 
 @click.group(cls=Cli)
-@click.option("--config", "config_path", envvar="NODEPATCH_CONFIG", type=click.Path(),
-              help="YAML configuration file [env NODEPATCH_CONFIG].")
-@click.option("--database", envvar="NODEPATCH_DATABASE_URL",
-              help="Database URL, overrides the config [env NODEPATCH_DATABASE_URL].")
-@click.option("--sim", "sim_file", envvar="NODEPATCH_SIM", type=click.Path(),
-              help="Use the simulated cluster in FILE [env NODEPATCH_SIM].")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="NODEPATCH_CONFIG",
+    type=click.Path(),
+    help="YAML configuration file [env NODEPATCH_CONFIG].",
+)
+@click.option(
+    "--database",
+    envvar="NODEPATCH_DATABASE_URL",
+    help="Database URL, overrides the config [env NODEPATCH_DATABASE_URL].",
+)
+@click.option(
+    "--sim",
+    "sim_file",
+    envvar="NODEPATCH_SIM",
+    type=click.Path(),
+    help="Use the simulated cluster in FILE [env NODEPATCH_SIM].",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, database: str | None,
-         sim_file: str | None, debug: bool) -> None:
+def main(
+    ctx: click.Context,
+    config_path: str | None,
+    database: str | None,
+    sim_file: str | None,
+    debug: bool,
+) -> None:
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
     cfg = settings.load(config_path)
     _setup_logging(cfg.log_file, debug)
-    app = App(cfg, database or cfg.database, sim_file,
-              progress=_progress_sink(sys.stderr.isatty()))
+    app = App(cfg, database or cfg.database, sim_file, progress=_progress_sink(sys.stderr.isatty()))
     ctx.obj = app
     ctx.call_on_close(app.close)
 
@@ -90,15 +111,16 @@ def _setup_logging(path: str | None, debug: bool) -> None:
     root = logging.getLogger("nodepatch")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if path:
-        handler = logging.FileHandler(os.path.expanduser(path), encoding="utf-8")
+        handler = logging.FileHandler(Path(path).expanduser(), encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
 
 
 pass_app = click.make_pass_decorator(App)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-until_option = click.option("--until", type=click.Choice(STATES),
-                            help="Stop on entering this state, before its step runs.")
+until_option = click.option(
+    "--until", type=click.Choice(STATES), help="Stop on entering this state, before its step runs."
+)
 
 
 def _emit(data: Any) -> None:
@@ -138,12 +160,29 @@ def sim_group() -> None:
 @click.option("--non-ha", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--stopped-ha", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--speed", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="Simulated seconds per real second; 0 = every job completes at once.")
-@click.option("--from", "scenario", type=click.Path(exists=True, dir_okay=False),
-              help="A SCENARIO file (YAML or JSON) in the shape of `sim show --json`.")
-def sim_init(path: str, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed: int,
-             speed: float, scenario: str | None) -> None:
+@click.option(
+    "--speed",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Simulated seconds per real second; 0 = every job completes at once.",
+)
+@click.option(
+    "--from",
+    "scenario",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A SCENARIO file (YAML or JSON) in the shape of `sim show --json`.",
+)
+def sim_init(
+    path: str,
+    hosts: int,
+    vms: int,
+    non_ha: int,
+    stopped_ha: int,
+    seed: int,
+    speed: float,
+    scenario: str | None,
+) -> None:
     """Create a simulated cluster in FILE."""
     from workflows.backends.simulated import SimulatedCluster
 
@@ -152,8 +191,9 @@ def sim_init(path: str, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed
     else:
         if non_ha + stopped_ha > vms:
             raise errors.UsageError("--non-ha plus --stopped-ha cannot exceed --vms")
-        SimulatedCluster.generate(path, hosts=hosts, vms=vms, non_ha=non_ha,
-                                  stopped_ha=stopped_ha, seed=seed, speed=speed)
+        SimulatedCluster.generate(
+            path, hosts=hosts, vms=vms, non_ha=non_ha, stopped_ha=stopped_ha, seed=seed, speed=speed
+        )
     click.echo(f"simulated cluster written to {path}")
 
 
@@ -183,26 +223,52 @@ def sim_show(path: str, as_json: bool) -> None:
         return
     for cluster in snap["clusters"]:
         click.echo(f"cluster {cluster['name']}")
-        click.echo(render.table(
-            ("HOST", "MEMORY_MB", "MAINTENANCE", "STATE"),
-            [(h["name"], h["memory_mb"], "yes" if h["maintenance"] else "no",
-              h.get("state", "Up")) for h in cluster["hosts"]],
-        ))
+        click.echo(
+            render.table(
+                ("HOST", "MEMORY_MB", "MAINTENANCE", "STATE"),
+                [
+                    (
+                        h["name"],
+                        h["memory_mb"],
+                        "yes" if h["maintenance"] else "no",
+                        h.get("state", "Up"),
+                    )
+                    for h in cluster["hosts"]
+                ],
+            )
+        )
     click.echo()
-    click.echo(render.table(
-        ("VM", "ID", "HOST", "HA", "STATE", "MEMORY_MB"),
-        [(v["name"], v["id"], v["host"], "yes" if v["ha"] else "no", v["state"],
-          v["memory_mb"]) for v in snap["vms"]],
-    ))
+    click.echo(
+        render.table(
+            ("VM", "ID", "HOST", "HA", "STATE", "MEMORY_MB"),
+            [
+                (
+                    v["name"],
+                    v["id"],
+                    v["host"],
+                    "yes" if v["ha"] else "no",
+                    v["state"],
+                    v["memory_mb"],
+                )
+                for v in snap["vms"]
+            ],
+        )
+    )
 
 
 # ---- planning and running ----------------------------------------------------------------
 
 policy_options = [
-    click.option("--non-ha", type=click.Choice([str(p) for p in planning.NonHaPolicy]),
-                 help="Policy for running non-HA VMs (overrides the config)."),
-    click.option("--stopped-ha", type=click.Choice([str(p) for p in planning.StoppedHaPolicy]),
-                 help="Policy for HA VMs that are not running (overrides the config)."),
+    click.option(
+        "--non-ha",
+        type=click.Choice([str(p) for p in planning.NonHaPolicy]),
+        help="Policy for running non-HA VMs (overrides the config).",
+    ),
+    click.option(
+        "--stopped-ha",
+        type=click.Choice([str(p) for p in planning.StoppedHaPolicy]),
+        help="Policy for HA VMs that are not running (overrides the config).",
+    ),
 ]
 
 
@@ -212,8 +278,9 @@ def with_policies(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _params(app: App, cluster: str, node: str, non_ha: str | None,
-            stopped_ha: str | None) -> Params:
+def _params(
+    app: App, cluster: str, node: str, non_ha: str | None, stopped_ha: str | None
+) -> Params:
     base = app.settings.policies
     return Params(
         cluster=cluster,
@@ -227,8 +294,16 @@ def _params(app: App, cluster: str, node: str, non_ha: str | None,
     )
 
 
+def _inventory(app: App, cluster: str) -> Inventory:
+    """The cluster's inventory; a cluster that does not exist is the user's input error."""
+    try:
+        return app.backend.inventory(cluster)
+    except errors.NotFound as exc:
+        raise errors.UsageError(str(exc)) from exc
+
+
 def _plan(app: App, params: Params) -> planning.Plan:
-    inventory = app.backend.inventory(params.cluster)
+    inventory = _inventory(app, params.cluster)
     holder = app.store.lock_holder(f"cluster:{params.cluster.lower()}")
     return planning.make_plan(inventory, params.node, params.policies, lock_holder=holder)
 
@@ -239,8 +314,9 @@ def _plan(app: App, params: Params) -> planning.Plan:
 @with_policies
 @json_option
 @pass_app
-def plan_cmd(app: App, cluster: str, node: str, non_ha: str | None, stopped_ha: str | None,
-             as_json: bool) -> None:
+def plan_cmd(
+    app: App, cluster: str, node: str, non_ha: str | None, stopped_ha: str | None, as_json: bool
+) -> None:
     """Show the per-VM plan for patching NODE. Touches nothing. Exit 1 if it would be refused."""
     result = _plan(app, _params(app, cluster, node, non_ha, stopped_ha))
     if as_json:
@@ -262,20 +338,32 @@ def plan_cmd(app: App, cluster: str, node: str, non_ha: str | None, stopped_ha: 
 @until_option
 @json_option
 @pass_app
-def start_cmd(app: App, cluster: str, node: str, non_ha: str | None, stopped_ha: str | None,
-              until: str | None, as_json: bool) -> None:
+def start_cmd(
+    app: App,
+    cluster: str,
+    node: str,
+    non_ha: str | None,
+    stopped_ha: str | None,
+    until: str | None,
+    as_json: bool,
+) -> None:
     """Start patching NODE of CLUSTER and drive the run as far as it goes."""
     params = _params(app, cluster, node, non_ha, stopped_ha)
-    inventory = app.backend.inventory(cluster)
+    inventory = _inventory(app, cluster)
     host = inventory.host(node)
     if host is None:
         known = ", ".join(h.name for h in inventory.hosts)
         raise errors.UsageError(f"node {node!r} is not in cluster {cluster!r} (nodes: {known})")
-    params = Params(inventory.cluster, host.name, params.policies, params.patcher,
-                    params.concurrency)
-    active = [r for r in app.store.runs(subject_prefix=subject(params.cluster, params.node),
-                                        active_only=True)
-              if r.params.get("node") == params.node]
+    params = Params(
+        inventory.cluster, host.name, params.policies, params.patcher, params.concurrency
+    )
+    active = [
+        r
+        for r in app.store.runs(
+            subject_prefix=subject(params.cluster, params.node), active_only=True
+        )
+        if r.params.get("node") == params.node
+    ]
     if active:
         raise errors.UsageError(
             f"node {params.node} already has run {active[0].id} ({active[0].state}); "
@@ -308,8 +396,9 @@ def signal_cmd(app: App, run_ref: str, name: str) -> None:
     run = app.store.resolve(run_ref)
     signals = NodePatch(app.backend, app.patcher).workflow().signals | {"abort"}
     if name not in signals:
-        raise errors.UsageError(f"unknown signal {name!r}; expected one of "
-                                f"{', '.join(sorted(signals))}")
+        raise errors.UsageError(
+            f"unknown signal {name!r}; expected one of {', '.join(sorted(signals))}"
+        )
     app.runner().signal(run.id, name)
     click.echo(f"signal {name!r} recorded for run {run.id}")
 
@@ -341,8 +430,9 @@ def _finish(app: App, stop: Stop, as_json: bool, ok_states: tuple[str, ...] = (D
         if table and stop.reason in ("final", "failed"):
             click.echo(table)
         if stop.reason == "until":
-            click.echo(f"stopped before {stop.run.state}; continue with "
-                       f"`nodepatch resume {stop.run.id}`")
+            click.echo(
+                f"stopped before {stop.run.state}; continue with `nodepatch resume {stop.run.id}`"
+            )
     if stop.reason in ("until", "waiting"):
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_DONE if stop.run.state in ok_states else EXIT_FAILED)
@@ -363,8 +453,13 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
         doc = render.run_json(run, published)
         doc["locks"] = app.store.locks(run.id)
         doc["journal"] = [
-            {"key": e.step_key, "attempt": e.attempt, "status": e.status,
-             "external_ref": e.external_ref, "result": e.result}
+            {
+                "key": e.step_key,
+                "attempt": e.attempt,
+                "status": e.status,
+                "external_ref": e.external_ref,
+                "result": e.result,
+            }
             for e in app.store.journal_entries(run.id)
         ]
         _emit(doc)
@@ -384,8 +479,9 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
 @click.option("--state", type=click.Choice(STATES))
 @json_option
 @pass_app
-def runs_cmd(app: App, cluster: str | None, node: str | None, state: str | None,
-             as_json: bool) -> None:
+def runs_cmd(
+    app: App, cluster: str | None, node: str | None, state: str | None, as_json: bool
+) -> None:
     """List runs, newest first."""
     runs = app.store.runs(subject_prefix=f"{cluster}/" if cluster else None, state=state)
     if node:
@@ -405,8 +501,14 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
     run = app.store.resolve(run_ref)
     events = app.store.events(run.id)
     if as_json:
-        _emit({"run_id": run.id, "state": run.state, "events": [e.to_json() for e in events],
-               "published": app.store.published(run.id)})
+        _emit(
+            {
+                "run_id": run.id,
+                "state": run.state,
+                "events": [e.to_json() for e in events],
+                "published": app.store.published(run.id),
+            }
+        )
     else:
         click.echo(render.run_summary(run))
         click.echo(render.history_table(events))

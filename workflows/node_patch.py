@@ -124,14 +124,19 @@ class NodePatch:
         holder = ctx.store.lock_holder(lock)
         inventory = self.backend.inventory(p.cluster)
         result = planning.make_plan(
-            inventory, p.node, p.policies,
+            inventory,
+            p.node,
+            p.policies,
             lock_holder=holder if holder and holder != ctx.run.id else None,
         )
         snapshot = result.to_json()
         ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")
         if not result.ok:
-            return Advance("fail", publish={"snapshot": snapshot},
-                           details={"reason": "; ".join(result.problems)})
+            return Advance(
+                "fail",
+                publish={"snapshot": snapshot},
+                details={"reason": "; ".join(result.problems)},
+            )
         return Advance("drain", publish={"snapshot": snapshot}, acquire=(lock,))
 
     # ---- Draining ----------------------------------------------------------------------
@@ -162,8 +167,9 @@ class NodePatch:
             if action is planning.Action.SAVE and vm.state is PowerState.RUNNING:
                 specs.append(self._spec("save_vm", vm.id, self.backend.save_vm, planned.name))
             elif action is planning.Action.SHUTDOWN and vm.state is PowerState.RUNNING:
-                specs.append(self._spec("shutdown_vm", vm.id, self.backend.shutdown_vm,
-                                        planned.name))
+                specs.append(
+                    self._spec("shutdown_vm", vm.id, self.backend.shutdown_vm, planned.name)
+                )
             elif action.moves_before_drain:
                 target = _target(inventory, p.node, planned)
                 specs.append(self._move_spec(vm.id, target, planned.name))
@@ -190,8 +196,15 @@ class NodePatch:
         stuck = [vm for vm in inventory.vms_on(p.node) if vm.ha and vm.uses_memory]
         specs = []
         for vm in stuck:
-            planned = planning.PlannedVm(vm.id, vm.name, vm.ha, str(vm.state), vm.host,
-                                         vm.memory_mb, str(planning.Action.LIVE_MIGRATE))
+            planned = planning.PlannedVm(
+                vm.id,
+                vm.name,
+                vm.ha,
+                str(vm.state),
+                vm.host,
+                vm.memory_mb,
+                str(planning.Action.LIVE_MIGRATE),
+            )
             specs.append(self._move_spec(vm.id, _target(inventory, p.node, planned), vm.name))
         self._all_ok(ctx, specs, 1, f"after the failed drain ({outcome.message})")
         second = ctx.run_job(
@@ -210,10 +223,14 @@ class NodePatch:
         p = Params.from_run(ctx.run)
         if p.patcher == EXTERNAL:
             if ctx.signal_pending(PATCHED):
-                return Advance("patched", consume=(PATCHED,),
-                               publish={"patch": {"patcher": EXTERNAL}})
-            return Wait(PATCHED, f"patch {p.node}, then run `nodepatch signal {ctx.run.id} "
-                                 f"{PATCHED}` and `nodepatch resume {ctx.run.id}`")
+                return Advance(
+                    "patched", consume=(PATCHED,), publish={"patch": {"patcher": EXTERNAL}}
+                )
+            return Wait(
+                PATCHED,
+                f"patch {p.node}, then run `nodepatch signal {ctx.run.id} "
+                f"{PATCHED}` and `nodepatch resume {ctx.run.id}`",
+            )
         patcher = self.patcher(p.patcher)
         outcome = ctx.run_job(
             "patch",
@@ -242,8 +259,9 @@ class NodePatch:
                 label=f"enabling {p.node}",
             )
             if not outcome.ok:
-                raise errors.StepFailed(f"could not take {p.node} out of maintenance: "
-                                        f"{outcome.message}")
+                raise errors.StepFailed(
+                    f"could not take {p.node} out of maintenance: {outcome.message}"
+                )
         host = self.backend.inventory(p.cluster).host(p.node)
         if host is None or host.maintenance or not host.available_for_placement:
             raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
@@ -283,8 +301,9 @@ class NodePatch:
                 continue
             needs = vm.memory_mb if vm.uses_memory else 0
             if needs > free:
-                entry["outcome"] = (f"skipped: not enough memory on {p.node} "
-                                    f"({free} MB free, {needs} MB needed)")
+                entry["outcome"] = (
+                    f"skipped: not enough memory on {p.node} ({free} MB free, {needs} MB needed)"
+                )
                 continue
             free -= needs
             specs.append(self._move_spec(vm.id, p.node, planned.name))
@@ -297,13 +316,20 @@ class NodePatch:
         return Advance(trigger, publish=publish, release=(cluster_lock(p.cluster),))
 
     def _restore_power(
-        self, ctx: StepContext, p: Params, snapshot: planning.Plan,
+        self,
+        ctx: StepContext,
+        p: Params,
+        snapshot: planning.Plan,
         report: dict[str, dict[str, Any]],
     ) -> list[str]:
         inventory = self.backend.inventory(p.cluster)
         specs = []
-        changed_by_us = {planning.Action.SAVE, planning.Action.SHUTDOWN, planning.Action.MIGRATE,
-                         planning.Action.LIVE_MIGRATE}
+        changed_by_us = {
+            planning.Action.SAVE,
+            planning.Action.SHUTDOWN,
+            planning.Action.MIGRATE,
+            planning.Action.LIVE_MIGRATE,
+        }
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
             entry = report[planned.id]
@@ -311,7 +337,10 @@ class NodePatch:
                 continue
             if planned.state != PowerState.RUNNING or vm.state is PowerState.RUNNING:
                 continue
-            if planning.Action(planned.action) not in changed_by_us or vm.state is PowerState.PAUSED:
+            if (
+                planning.Action(planned.action) not in changed_by_us
+                or vm.state is PowerState.PAUSED
+            ):
                 continue
             specs.append(self._spec("start_vm", vm.id, self.backend.start_vm, planned.name))
         return self._run(ctx, specs, p.concurrency, report, "start")
@@ -334,15 +363,20 @@ class NodePatch:
             label=f"move {name} to {host}",
         )
 
-    def _all_ok(self, ctx: StepContext, specs: list[JobSpec], concurrency: int,
-                when: str) -> None:
+    def _all_ok(self, ctx: StepContext, specs: list[JobSpec], concurrency: int, when: str) -> None:
         outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=concurrency)
         failed = [f"{name}: {o.message}" for name, o in outcomes.items() if not o.ok]
         if failed:
             raise errors.StepFailed(f"failed {when}: " + "; ".join(failed))
 
-    def _run(self, ctx: StepContext, specs: list[JobSpec], concurrency: int,
-             report: dict[str, dict[str, Any]], what: str) -> list[str]:
+    def _run(
+        self,
+        ctx: StepContext,
+        specs: list[JobSpec],
+        concurrency: int,
+        report: dict[str, dict[str, Any]],
+        what: str,
+    ) -> list[str]:
         """Run jobs, recording each VM's outcome; a refused or failed job fails only its VM."""
         outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=concurrency)
         failures: list[str] = []
@@ -385,7 +419,9 @@ def _placement(inventory: Inventory, snapshot: planning.Plan) -> dict[str, Any]:
     return out
 
 
-def _report_entry(planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any]) -> dict[str, Any]:
+def _report_entry(
+    planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any]
+) -> dict[str, Any]:
     during = drained.get(planned.id, {}).get("host", planned.host)
     return {
         "id": planned.id,
@@ -394,6 +430,7 @@ def _report_entry(planned: planning.PlannedVm, vm: Any, drained: Mapping[str, An
         "to": during,
         "action": planned.action,
         "state_before": planned.state,
-        "outcome": "deleted during the run" if vm is None else (
-            "in place" if vm.host.lower() == planned.host.lower() else "pending"),
+        "outcome": "deleted during the run"
+        if vm is None
+        else ("in place" if vm.host.lower() == planned.host.lower() else "pending"),
     }

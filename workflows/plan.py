@@ -136,8 +136,16 @@ def make_plan(
     targets, capacity = place(inventory, host.name, [(vm, a) for vm, a in planned])
     problems += capacity
     vms = tuple(
-        PlannedVm(vm.id, vm.name, vm.ha, str(vm.state), vm.host, vm.memory_mb, str(action),
-                  targets.get(vm.id))
+        PlannedVm(
+            vm.id,
+            vm.name,
+            vm.ha,
+            str(vm.state),
+            vm.host,
+            vm.memory_mb,
+            str(action),
+            targets.get(vm.id),
+        )
         for vm, action in planned
     )
     return Plan(inventory.cluster, host.name, vms, tuple(problems))
@@ -167,8 +175,9 @@ def place(
     }
     targets: dict[str, str] = {}
     problems: list[str] = []
-    moving = [(vm, a) for vm, a in planned if a in (Action.LIVE_MIGRATE, Action.MIGRATE,
-                                                    Action.EVACUATE)]
+    moving = [
+        (vm, a) for vm, a in planned if a in (Action.LIVE_MIGRATE, Action.MIGRATE, Action.EVACUATE)
+    ]
     for vm, action in sorted(moving, key=lambda p: -p[0].memory_mb):
         needs = vm.memory_mb if action is not Action.EVACUATE else 0
         fits = [h for h, mb in free.items() if mb >= needs]

@@ -13,8 +13,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in cells]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -25,8 +26,15 @@ def _cell(value: Any) -> str:
 
 def plan_table(snapshot: Mapping[str, Any]) -> str:
     rows = [
-        (vm["name"], vm["id"], "yes" if vm["ha"] else "no", vm["state"], vm["memory_mb"],
-         vm["action"], vm.get("target") or "")
+        (
+            vm["name"],
+            vm["id"],
+            "yes" if vm["ha"] else "no",
+            vm["state"],
+            vm["memory_mb"],
+            vm["action"],
+            vm.get("target") or "",
+        )
         for vm in snapshot["vms"]
     ]
     return table(("VM", "ID", "HA", "STATE", "MEMORY_MB", "ACTION", "TARGET"), rows)
@@ -41,9 +49,14 @@ def vm_report(published: Mapping[str, Any]) -> str | None:
             return None
         drained = published.get("drained", {})
         report = [
-            {"name": vm["name"], "id": vm["id"], "from": vm["host"],
-             "to": drained.get(vm["id"], {}).get("host", vm.get("target") or vm["host"]),
-             "action": vm["action"], "outcome": "planned" if not drained else "drained"}
+            {
+                "name": vm["name"],
+                "id": vm["id"],
+                "from": vm["host"],
+                "to": drained.get(vm["id"], {}).get("host", vm.get("target") or vm["host"]),
+                "action": vm["action"],
+                "outcome": "planned" if not drained else "drained",
+            }
             for vm in snapshot["vms"]
         ]
     rows = [(r["name"], r["id"], r["from"], r["to"], r["action"], r["outcome"]) for r in report]
@@ -60,8 +73,17 @@ def run_summary(run: Run) -> str:
 
 
 def runs_table(runs: Sequence[Run]) -> str:
-    rows = [(r.id, r.subject, r.state, f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.created_by,
-             (r.error or {}).get("reason", "")) for r in runs]
+    rows = [
+        (
+            r.id,
+            r.subject,
+            r.state,
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+            r.created_by,
+            (r.error or {}).get("reason", ""),
+        )
+        for r in runs
+    ]
     return table(("RUN", "CLUSTER/NODE", "STATE", "CREATED (UTC)", "BY", "ERROR"), rows)
 
 
@@ -71,11 +93,19 @@ def history_table(events: Sequence[Event]) -> str:
         what = f"{e.from_state or ''} -> {e.to_state}" if e.kind == "transition" else ""
         if e.kind == "created":
             what = f"-> {e.to_state}"
-        detail = e.details.get("error", {}).get("reason") if "error" in e.details else (
-            e.details.get("signal") or e.details.get("reason") or e.details.get("taken_over_from")
-            or "")
-        rows.append((f"{e.occurred_at:%Y-%m-%d %H:%M:%S}", e.kind, e.trigger or "", what,
-                     e.actor, detail))
+        detail = (
+            e.details.get("error", {}).get("reason")
+            if "error" in e.details
+            else (
+                e.details.get("signal")
+                or e.details.get("reason")
+                or e.details.get("taken_over_from")
+                or ""
+            )
+        )
+        rows.append(
+            (f"{e.occurred_at:%Y-%m-%d %H:%M:%S}", e.kind, e.trigger or "", what, e.actor, detail)
+        )
     return table(("TIME (UTC)", "KIND", "TRIGGER", "TRANSITION", "ACTOR", "DETAIL"), rows)
 
 

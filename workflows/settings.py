@@ -35,11 +35,11 @@ class Settings:
     backend: str = "simulated"
     sim_file: str | None = None
     connection: Mapping[str, Any] = field(default_factory=dict)
-    policies: planning.Policies = planning.Policies()
+    policies: planning.Policies = field(default_factory=planning.Policies)
     concurrency: int = 2
     patcher: str = "auto"
     patcher_options: Mapping[str, Any] = field(default_factory=dict)
-    runner: RunnerSettings = RunnerSettings()
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
     log_file: str | None = None
 
     def patcher_for_runs(self) -> str:
@@ -53,8 +53,13 @@ _SCHEMA: dict[str, Any] = {
     "database": str,
     "backend": {"kind": str, "simulated": {"file": str}, "vmm": dict, "failover": dict},
     "policies": {"non_ha": str, "stopped_ha": str, "rebalance_concurrency": int},
-    "patcher": {"kind": str, "simulated": {"patch_seconds": float}, "windows-update": dict,
-                "script": dict, "reboot": dict},
+    "patcher": {
+        "kind": str,
+        "simulated": {"patch_seconds": float},
+        "windows-update": dict,
+        "script": dict,
+        "reboot": dict,
+    },
     "engine": {"lease_ttl_s": float, "poll_interval_s": float},
     "timeouts_s": {state: float for state in STATES[:5]},
     "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
@@ -121,8 +126,9 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
     patcher = data.get("patcher", {})
     eng = data.get("engine", {})
     retries = data.get("retries", {})
-    timeouts = {k: _positive(float(v), f"timeouts_s.{k}")
-                for k, v in data.get("timeouts_s", {}).items()}
+    timeouts = {
+        k: _positive(float(v), f"timeouts_s.{k}") for k, v in data.get("timeouts_s", {}).items()
+    }
     kind = _choice(backend.get("kind", "simulated"), BACKENDS, "backend.kind")
     runner = RunnerSettings(
         lease_ttl_s=_positive(float(eng.get("lease_ttl_s", 30)), "engine.lease_ttl_s"),
@@ -130,8 +136,9 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         timeouts_s={**DEFAULT_TIMEOUTS, **timeouts},
         retry_attempts=int(_positive(retries.get("attempts", 3), "retries.attempts")),
         retry_backoff_s=_positive(float(retries.get("backoff_s", 5)), "retries.backoff_s"),
-        retry_backoff_max_s=_positive(float(retries.get("backoff_max_s", 120)),
-                                      "retries.backoff_max_s"),
+        retry_backoff_max_s=_positive(
+            float(retries.get("backoff_max_s", 120)), "retries.backoff_max_s"
+        ),
     )
     patcher_kind = _choice(patcher.get("kind", "auto"), PATCHERS, "patcher.kind")
     return Settings(
@@ -140,13 +147,20 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         sim_file=backend.get("simulated", {}).get("file"),
         connection=backend.get(kind, {}) if kind != "simulated" else {},
         policies=planning.Policies(
-            planning.NonHaPolicy(_choice(policies.get("non_ha", "block"), planning.NonHaPolicy,
-                                         "policies.non_ha")),
-            planning.StoppedHaPolicy(_choice(policies.get("stopped_ha", "leave"),
-                                             planning.StoppedHaPolicy, "policies.stopped_ha")),
+            planning.NonHaPolicy(
+                _choice(policies.get("non_ha", "block"), planning.NonHaPolicy, "policies.non_ha")
+            ),
+            planning.StoppedHaPolicy(
+                _choice(
+                    policies.get("stopped_ha", "leave"),
+                    planning.StoppedHaPolicy,
+                    "policies.stopped_ha",
+                )
+            ),
         ),
-        concurrency=int(_positive(policies.get("rebalance_concurrency", 2),
-                                  "policies.rebalance_concurrency")),
+        concurrency=int(
+            _positive(policies.get("rebalance_concurrency", 2), "policies.rebalance_concurrency")
+        ),
         patcher=patcher_kind,
         patcher_options=patcher.get(patcher_kind, {}) if patcher_kind != "auto" else {},
         runner=runner,

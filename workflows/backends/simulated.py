@@ -727,7 +727,7 @@ class SimulatedCluster:
 def _inventory(world: _World, cluster: str) -> base.Inventory:
     found = next((c for c in world.state["clusters"] if c["name"].lower() == cluster.lower()), None)
     if found is None:
-        raise errors.BackendError(f"unknown cluster {cluster!r}", target=cluster)
+        raise errors.NotFound(f"unknown cluster {cluster!r}", target=cluster)
     world.count("inventory")
     hosts = tuple(_host(found["name"], h) for h in found["hosts"])
     names = {h.name for h in hosts}

@@ -1,0 +1,35 @@
+# nodepatch: every target sets itself up on a fresh clone (a local .venv from pyproject.toml).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## make demo: a full patch cycle of one node on a fresh simulated cluster, SQLite by default
+demo: install
+	$(BIN)/nodepatch demo
+
+## make test: the whole suite (SQLite always; PostgreSQL on 127.0.0.1:5432 when reachable)
+test: install
+	$(BIN)/pytest
+
+## make lint: ruff and mypy --strict
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## make bench: engine transitions/s next to the raw commit rate of the same database
+bench: install
+	$(BIN)/python -m benchmarks.transitions
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,164 @@
+"""Engine throughput next to the raw commit rate of the same database, measured in one run.
+
+For SQLite (a temporary file, WAL, synchronous=FULL) and PostgreSQL (127.0.0.1, if reachable):
+  raw      single-row INSERT + COMMIT per iteration through the bare driver
+  engine   persisted transitions/s of a no-op workflow (lease, CAS update, hashed audit event)
+  nodepatch transitions/s of full node-patch runs on the zero-latency simulated cluster
+Each figure is the best of 3 rounds of `--seconds` each; ratios are engine/raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import sqlalchemy as sa
+
+from engine import db
+from engine.runner import Runner, RunnerSettings
+from engine.store import Store
+from engine.workflow import Advance, StepResult, Transition, Workflow
+from workflows.backends.simulated import SimulatedCluster
+from workflows.node_patch import NodePatch, Params, subject
+from workflows.patchers.simulated import SimulatedPatcher
+from workflows.plan import Policies
+
+PG_URL = os.environ.get(
+    "NODEPATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+SETTINGS = RunnerSettings(lease_ttl_s=30, poll_interval_s=0.0001)
+CHAIN = ("S0", "S1", "S2", "S3", "S4")
+
+
+def rate(fn: Callable[[], int], seconds: float) -> float:
+    """Best of three rounds: units per second."""
+    best = 0.0
+    for _ in range(3):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            done += fn()
+        best = max(best, done / (time.perf_counter() - start))
+    return best
+
+
+def raw_sqlite(path: Path) -> Callable[[], int]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, v TEXT)")
+
+    def one() -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO bench (v) VALUES ('x')")
+        conn.execute("COMMIT")
+        return 1
+
+    return one
+
+
+def raw_postgres(url: str) -> Callable[[], int]:
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+    conn.execute("CREATE TABLE IF NOT EXISTS bench (id serial PRIMARY KEY, v text)")
+    conn.commit()
+
+    def one() -> int:
+        conn.execute("INSERT INTO bench (v) VALUES ('x')")
+        conn.commit()
+        return 1
+
+    return one
+
+
+def noop_workflow() -> Workflow:
+    def step(trigger: str) -> Callable[..., StepResult]:
+        return lambda _ctx: Advance(trigger)
+
+    transitions = tuple(Transition(f"t{i}", CHAIN[i], CHAIN[i + 1]) for i in range(4))
+    return Workflow(
+        name="bench",
+        version=1,
+        states=(*CHAIN, "Done", "Failed"),
+        initial="S0",
+        failed="Failed",
+        final=frozenset({"Done"}),
+        transitions=(*transitions, Transition("t4", "S4", "Done")),
+        steps={s: step(f"t{i}") for i, s in enumerate(CHAIN)},
+    )
+
+
+def engine_rate(store: Store) -> Callable[[], int]:
+    runner = Runner(store, noop_workflow(), SETTINGS, actor="bench@local:0")
+
+    def one() -> int:
+        run = runner.create("bench", {})
+        runner.drive(run.id)
+        return 5
+
+    return one
+
+
+def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
+    def one() -> int:
+        cluster = SimulatedCluster.generate(sim_path, hosts=3, vms=9, seed=1)
+        patch = NodePatch(cluster, lambda _k: SimulatedPatcher(cluster))
+        runner = Runner(store, patch.workflow(), SETTINGS, actor="bench@local:0")
+        params = Params("cluster1", "hv01", Policies(), "simulated", 4)
+        run = runner.create(subject("cluster1", "hv01"), params.to_json())
+        assert runner.drive(run.id).run.state == "Done"
+        return 5
+
+    return one
+
+
+def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Path) -> None:
+    engine = db.connect(url)
+    db.upgrade(engine)
+    store = Store(engine)
+    raw_rate = rate(raw, seconds)
+    eng_rate = rate(engine_rate(store), seconds)
+    np_rate = rate(nodepatch_rate(store, tmp / f"{name}.json"), seconds)
+    print(
+        f"{name:<10} raw commits/s {raw_rate:9.0f} | engine transitions/s {eng_rate:8.0f} "
+        f"(ratio {eng_rate / raw_rate:.3f}) | node-patch transitions/s {np_rate:7.1f} "
+        f"(ratio {np_rate / raw_rate:.4f})"
+    )
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="nodepatch-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        measure(
+            "sqlite", f"sqlite:///{tmp / 'bench.db'}", raw_sqlite(tmp / "raw.db"), args.seconds, tmp
+        )
+        name = f"nodepatch_bench_{os.getpid()}"
+        admin = sa.create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        except sa.exc.OperationalError as exc:
+            print(f"postgresql skipped: unreachable at {PG_URL} ({exc.orig})")
+            return
+        url = str(
+            sa.make_url(db.normalise_url(PG_URL))
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
+        try:
+            measure("postgresql", url, raw_postgres(url), args.seconds, tmp)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
