@@ -161,7 +161,7 @@ class Dispatcher:
         self.cmdlets: dict[str, Handler] = {}
         self.scripts: dict[str, Handler] = {}
         self.calls: list[Call] = []
-        self.before_request: Callable[[str], str | None] | None = None
+        self.before_request: Callable[[str, bytes], str | None] | None = None
         self.convert: Callable[[Any], Any] = lambda obj: obj
         self._lock = threading.Lock()
 

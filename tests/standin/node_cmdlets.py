@@ -1,11 +1,24 @@
-"""Node-side cmdlets and scripts (placeholder until the patchers exist)."""
+"""Node-side commands: LastBootUpTime, Restart-Computer and the Windows Update task scripts.
+
+The endpoint's computer name is the node. `Restart-Computer` starts the simulator's
+`reboot_host` job (the host must be in maintenance, as the simulator insists); from then on the
+node's endpoint drops connections (`World.reboot_drops` times at least) until the job is done,
+and LastBootUpTime moves to the moment it came back. The Windows Update task reports Running for
+`World.wu_polls` status polls, then its JSON result (`World.wu_result`, or the simulator's KBs
+for the host with RebootRequired).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.standin import dispatch
 from tests.standin.world import World
+from workflows.backends import simulated
+from workflows.patchers import remote
+
+OS_TYPE = "Microsoft.Management.Infrastructure.CimInstance#root/cimv2/Win32_OperatingSystem"
 
 
 class NodeCmdlets:
@@ -13,10 +26,52 @@ class NodeCmdlets:
         self.w = world
 
     def handlers(self) -> dict[str, dispatch.Handler]:
-        return {}
+        return {
+            "Get-CimInstance": self.get_cim,
+            "Restart-Computer": self.restart,
+        }
 
     def scripts(self) -> dict[str, dispatch.Handler]:
-        return {}
+        return {
+            remote.WU_START_SCRIPT: self.wu_start,
+            remote.WU_STATUS_SCRIPT: self.wu_status,
+        }
 
+    def get_cim(self, inv: dispatch.Invocation) -> list[Any]:
+        if str(inv.get("ClassName")).lower() != "win32_operatingsystem":
+            raise dispatch.Terminating(
+                "stand-in knows only Win32_OperatingSystem", "NotImplemented"
+            )
+        node = self.w.node(inv.ctx.computer)
+        return [{"__type__": OS_TYPE, "CSName": inv.ctx.computer, "LastBootUpTime": node.boot_time}]
 
-_ = Any
+    def restart(self, inv: dispatch.Invocation) -> list[Any]:
+        host = inv.ctx.computer
+        job_id = self.w.call(lambda: self.w.sim.reboot_host(host, patch_seconds=0.0), inv.name)
+        node = self.w.node(host)
+        node.reboot_job = job_id
+        node.drops_left = self.w.reboot_drops
+        return []
+
+    def wu_start(self, inv: dispatch.Invocation) -> list[Any]:
+        if inv.get("TaskScript") != remote.WU_TASK_SCRIPT:
+            raise dispatch.Terminating("unexpected task script", "InvalidArgument")
+        self.w.node(inv.ctx.computer).wu_runs[str(inv.get("TaskName"))] = 0
+        return []
+
+    def wu_status(self, inv: dispatch.Invocation) -> list[Any]:
+        runs = self.w.node(inv.ctx.computer).wu_runs
+        task = str(inv.get("TaskName"))
+        if task not in runs:
+            return [{"TaskState": "Missing", "Result": None}]
+        runs[task] += 1
+        if runs[task] <= self.w.wu_polls:
+            return [{"TaskState": "Running", "Result": None}]
+        result = self.w.wu_result or {
+            "Status": "Succeeded",
+            "Installed": simulated.kbs_for(inv.ctx.computer).split(","),
+            "RebootRequired": True,
+            "HResult": 0,
+            "Message": "",
+        }
+        return [{"TaskState": "Ready", "Result": "\ufeff" + json.dumps(result)}]

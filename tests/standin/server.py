@@ -92,7 +92,7 @@ def _make_handler(endpoint: Endpoint) -> type[http.server.BaseHTTPRequestHandler
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            verdict = self._verdict()
+            verdict = self._verdict(body)
             if verdict is None and body:
                 try:
                     status, answer = endpoint.service.handle(body)
@@ -109,14 +109,14 @@ def _make_handler(endpoint: Endpoint) -> type[http.server.BaseHTTPRequestHandler
             else:
                 self._reply(status, answer, {"Content-Type": "application/soap+xml;charset=UTF-8"})
 
-        def _verdict(self) -> str | None:
+        def _verdict(self, body: bytes) -> str | None:
             """'drop', '401' or None (answer normally)."""
             if endpoint.down:
                 return "drop"
             if not endpoint.standin.authorized(self.headers.get("Authorization")):
                 return "401"
             hook = endpoint.standin.dispatcher.before_request
-            return hook(endpoint.computer) if hook is not None else None
+            return hook(endpoint.computer, body) if hook is not None else None
 
         def _drop(self) -> None:
             self.close_connection = True

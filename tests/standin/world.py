@@ -154,12 +154,18 @@ class World:
                 raise dispatch.Terminating(f"{command} timed out", "OperationTimeout")
             time.sleep(0.01)
 
-    def before_request(self, computer: str) -> str | None:
-        """Node endpoints are unreachable while their reboot is in progress."""
+    def before_request(self, computer: str, body: bytes) -> str | None:
+        """Node endpoints are unreachable while their reboot is in progress.
+
+        The first `reboot_drops` new sessions after a restart are refused even when the
+        simulator's reboot is already over (at speed 0 it ends at once).
+        """
         state = self.nodes.get(computer.lower())
         if state is None or state.reboot_job is None:
             return None
         if state.drops_left > 0:
+            if b"/transfer/Create<" not in body:
+                return None
             state.drops_left -= 1
             return "drop"
         try:
