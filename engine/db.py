@@ -62,7 +62,7 @@ def _sqlite(url: sa.URL) -> sa.Engine:
     return engine
 
 
-def _alembic_config(engine: sa.Engine) -> Config:
+def alembic_config(engine: sa.Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -70,7 +70,7 @@ def _alembic_config(engine: sa.Engine) -> Config:
 
 
 def head_revision() -> str:
-    script = ScriptDirectory.from_config(_alembic_config(sa.create_engine("sqlite://")))
+    script = ScriptDirectory.from_config(alembic_config(sa.create_engine("sqlite://")))
     head = script.get_current_head()
     assert head is not None
     return head
@@ -84,7 +84,7 @@ def current_revision(engine: sa.Engine) -> str | None:
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     with _reachable(engine):
         pass
-    command.upgrade(_alembic_config(engine), revision)
+    command.upgrade(alembic_config(engine), revision)
 
 
 def ensure_schema(engine: sa.Engine, *, create_if_empty: bool) -> None:
@@ -100,7 +100,7 @@ def ensure_schema(engine: sa.Engine, *, create_if_empty: bool) -> None:
         raise errors.SchemaOutdated(
             "the database has no nodepatch schema: run `nodepatch db upgrade`"
         )
-    script = ScriptDirectory.from_config(_alembic_config(engine))
+    script = ScriptDirectory.from_config(alembic_config(engine))
     known = {rev.revision for rev in script.walk_revisions()}
     if current not in known:
         raise errors.SchemaTooNew(

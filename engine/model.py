@@ -38,6 +38,7 @@ class Run:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    audit_head: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Run:

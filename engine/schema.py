@@ -37,6 +37,7 @@ run = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.Column("finished_at", TS),
+    sa.Column("audit_head", sa.String(64)),
     sa.Index("ix_run_subject_finished", "subject", "finished_at"),
     sa.Index("ix_run_state", "state"),
     sa.Index("ix_run_created_at", "created_at"),

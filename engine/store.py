@@ -549,8 +549,6 @@ class Store:
             "details": json.loads(json.dumps(dict(details or {}), default=str)),
         }
         prev_hash = prev or GENESIS
-        conn.execute(
-            t.run_event.insert().values(
-                **event, prev_hash=prev_hash, hash=event_hash(prev_hash, hashed_fields(event))
-            )
-        )
+        head = event_hash(prev_hash, hashed_fields(event))
+        conn.execute(t.run_event.insert().values(**event, prev_hash=prev_hash, hash=head))
+        conn.execute(t.run.update().where(t.run.c.id == run_id).values(audit_head=head))

@@ -514,6 +514,33 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
         click.echo(render.history_table(events))
 
 
+@main.group("audit")
+def audit_group() -> None:
+    """Check the audit trail."""
+
+
+@audit_group.command("verify")
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@json_option
+@pass_app
+def audit_verify_cmd(app: App, run_ref: str | None, as_json: bool) -> None:
+    """Verify the hash chain of RUN's audit trail (or of every run). Exit 1 if tampered."""
+    from engine import audit
+
+    runs = [app.store.resolve(run_ref)] if run_ref else app.store.runs(limit=1_000_000)
+    findings = [f for run in runs for f in audit.verify(app.store, run.id)]
+    if as_json:
+        _emit({"runs_checked": len(runs), "intact": not findings,
+               "findings": [f.__dict__ for f in findings]})
+    else:
+        for f in findings:
+            where = f"event {f.event_id}" if f.event_id is not None else "end of trail"
+            click.echo(f"run {f.run_id}, {where}: {f.problem}")
+        click.echo(f"{len(runs)} run(s) checked: " + ("audit trail intact" if not findings
+                                                     else f"{len(findings)} problem(s)"))
+    sys.exit(EXIT_FAILED if findings else EXIT_DONE)
+
+
 from workflows import demo as _demo  # noqa: E402 - registers the demo command
 
 main.add_command(_demo.demo_cmd)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 10:07:20.849513
+
 """
 
 from __future__ import annotations
