@@ -215,6 +215,17 @@ class Session:
             raise errors.BackendError(f"{label} failed", target=target, command=label)
         return output
 
+    def open(self) -> None:
+        """Open the runspace pool now (authenticates); raises like `run`."""
+        try:
+            self._open()
+        except Exception as exc:
+            mapped = classify(exc, self.server)
+            if mapped is None:
+                raise
+            self.reset()
+            raise mapped from None
+
     def _open(self) -> RunspacePool:
         if self._pool is None:
             kwargs = self.settings.wsman_kwargs()
