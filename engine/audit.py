@@ -24,12 +24,16 @@ def verify(store: Store, run_id: str) -> list[Finding]:
     for event in store.events(run_id):
         fields = hashed_fields(event.__dict__)
         if event.prev_hash != expected_prev:
-            findings.append(Finding(run_id, event.id,
-                                    "chain broken: an earlier event was deleted or re-ordered"))
+            findings.append(
+                Finding(
+                    run_id, event.id, "chain broken: an earlier event was deleted or re-ordered"
+                )
+            )
         if event_hash(event.prev_hash, fields) != event.hash:
             findings.append(Finding(run_id, event.id, "content does not match its hash: edited"))
         expected_prev = last = event.hash
     if (run.audit_head or GENESIS) != last:
-        findings.append(Finding(run_id, None,
-                                "the newest events are missing: deleted after the fact"))
+        findings.append(
+            Finding(run_id, None, "the newest events are missing: deleted after the fact")
+        )
     return findings

@@ -32,8 +32,9 @@ def _unprotect(conn: sa.Connection) -> None:
 
 
 def _ids(conn: sa.Connection, run_id: str) -> list[int]:
-    rows = conn.execute(sa.text("SELECT id FROM run_event WHERE run_id = :r ORDER BY id"),
-                        {"r": run_id})
+    rows = conn.execute(
+        sa.text("SELECT id FROM run_event WHERE run_id = :r ORDER BY id"), {"r": run_id}
+    )
     return [r[0] for r in rows]
 
 
@@ -58,8 +59,10 @@ def test_verify_detects_tampering_in_sql(finished: tuple[Cli, str], attack: str)
         a, b, z = ids[2], ids[3], ids[-1]
         if attack == "swap":  # whole rows trade places: each keeps its own valid hash
             for old, new in ((a, -1), (b, a), (-1, b)):
-                conn.execute(sa.text("UPDATE run_event SET id = :new WHERE id = :old"),
-                             {"old": old, "new": new})
+                conn.execute(
+                    sa.text("UPDATE run_event SET id = :new WHERE id = :old"),
+                    {"old": old, "new": new},
+                )
         else:
             conn.execute(sa.text(TAMPERING[attack]), {"a": a, "z": z})
     engine.dispose()
@@ -78,6 +81,12 @@ def test_every_run_is_verified_without_a_run_argument(finished: tuple[Cli, str])
 def test_verify_finds_nothing_on_a_fresh_run(engine: sa.Engine) -> None:
     """The chain of a new run verifies."""
     store = Store(engine)
-    run = store.create_run(workflow="w", workflow_version=1, subject="s", state="A",
-                           params={"names": "it's $weird `name"}, actor="t@h:1")
+    run = store.create_run(
+        workflow="w",
+        workflow_version=1,
+        subject="s",
+        state="A",
+        params={"names": "it's $weird `name"},
+        actor="t@h:1",
+    )
     assert audit.verify(store, run.id) == []

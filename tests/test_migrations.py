@@ -39,8 +39,9 @@ def test_older_schema_asks_for_db_upgrade(engine: sa.Engine) -> None:
 def test_audit_rows_cannot_be_updated_or_deleted(engine: sa.Engine) -> None:
     """The database itself refuses to rewrite the audit trail."""
     store = Store(engine)
-    run = store.create_run(workflow="w", workflow_version=1, subject="s", state="A", params={},
-                           actor="t@h:1")
+    run = store.create_run(
+        workflow="w", workflow_version=1, subject="s", state="A", params={}, actor="t@h:1"
+    )
     for statement in ("UPDATE run_event SET actor = 'x'", "DELETE FROM run_event"):
         with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
             conn.exec_driver_sql(statement)

@@ -530,14 +530,21 @@ def audit_verify_cmd(app: App, run_ref: str | None, as_json: bool) -> None:
     runs = [app.store.resolve(run_ref)] if run_ref else app.store.runs(limit=1_000_000)
     findings = [f for run in runs for f in audit.verify(app.store, run.id)]
     if as_json:
-        _emit({"runs_checked": len(runs), "intact": not findings,
-               "findings": [f.__dict__ for f in findings]})
+        _emit(
+            {
+                "runs_checked": len(runs),
+                "intact": not findings,
+                "findings": [f.__dict__ for f in findings],
+            }
+        )
     else:
         for f in findings:
             where = f"event {f.event_id}" if f.event_id is not None else "end of trail"
             click.echo(f"run {f.run_id}, {where}: {f.problem}")
-        click.echo(f"{len(runs)} run(s) checked: " + ("audit trail intact" if not findings
-                                                     else f"{len(findings)} problem(s)"))
+        click.echo(
+            f"{len(runs)} run(s) checked: "
+            + ("audit trail intact" if not findings else f"{len(findings)} problem(s)")
+        )
     sys.exit(EXIT_FAILED if findings else EXIT_DONE)
 
 

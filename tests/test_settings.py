@@ -1,0 +1,54 @@
+"""Configuration is validated once, naming the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import errors
+from workflows import plan as planning
+from workflows import settings
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+
+
+def test_the_example_configuration_is_valid() -> None:
+    """config.example.yaml loads, and its values are the defaults it claims."""
+    loaded = settings.load(str(EXAMPLE))
+    defaults = settings.from_mapping({})
+    assert loaded.policies == defaults.policies == planning.Policies()
+    assert loaded.runner.timeouts_s == defaults.runner.timeouts_s
+    assert loaded.runner.retry_attempts == 3
+    assert loaded.sim_file == "./cluster.json"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"backend": {"kind": "hyperv"}}, "backend.kind: must be one of simulated, vmm, failover"),
+        ({"retries": {"attempts": 0}}, "retries.attempts: must be greater than 0"),
+        ({"retries": {"attempts": True}}, "retries.attempts: must be an integer"),
+        ({"timeouts_s": {"Patching": -1}}, "timeouts_s.Patching: must be greater than 0"),
+        ({"timeouts_s": {"Done": 1}}, "timeouts_s.Done: unknown key"),
+        ({"patcher": {"kind": "magic"}}, "patcher.kind: must be one of"),
+        ({"backend": {"vmm": "server"}}, "backend.vmm: must be a mapping"),
+    ],
+)
+def test_invalid_values_name_their_key(data: dict[str, object], message: str) -> None:
+    """Each invalid value is reported with its dotted path."""
+    with pytest.raises(errors.ConfigError, match=message.replace(".", r"\.")):
+        settings.from_mapping(data)
+
+
+def test_auto_patcher_is_simulated_only_on_the_simulator() -> None:
+    """`auto` records the simulated patcher on the simulator and `external` elsewhere."""
+    assert settings.from_mapping({}).patcher_for_runs() == "simulated"
+    vmm = settings.from_mapping({"backend": {"kind": "vmm"}})
+    assert vmm.patcher_for_runs() == "external"
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    """A configuration path that does not exist is reported as such."""
+    with pytest.raises(errors.ConfigError, match="cannot read configuration"):
+        settings.load(str(tmp_path / "nope.yaml"))
