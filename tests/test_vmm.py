@@ -63,11 +63,13 @@ def test_weird_host_names_reach_the_server_as_parameter_values(rig: Rig, name: s
 
 
 def test_maintenance_is_a_pure_cmdlet_pipeline_with_a_job_variable(rig: Rig) -> None:  # noqa: F811
-    """Disable-SCVMHost gets -MoveWithinCluster -RunAsynchronously -JobVariable; Get-Variable
-    reads that same variable back, and its job's ID is the one returned."""
+    """A new runspace first connects with Get-SCVMMServer; Disable-SCVMHost gets
+    -MoveWithinCluster -RunAsynchronously -JobVariable and Get-Variable reads it back."""
     backend = vmm.VmmBackend(rig.settings())
     job_id = backend.enter_maintenance("hv01")
     backend.close()
+    assert rig.calls[0].text == "Get-SCVMMServer"
+    assert rig.calls[0].params == {"ComputerName": "localhost"}
     (disable,) = rig.commands("Disable-SCVMHost")
     assert not disable.is_script
     assert disable.params["MoveWithinCluster"] is True

@@ -184,8 +184,11 @@ def props(obj: Any) -> dict[str, Any]:
 class Session:
     """One server's runspace pool, opened on first use and reopened after a transport error."""
 
-    def __init__(self, settings: connection.ConnectionSettings) -> None:
+    def __init__(
+        self, settings: connection.ConnectionSettings, *, on_open: Sequence[Cmd] = ()
+    ) -> None:
         self.settings = settings
+        self.on_open = tuple(on_open)
         self._wsman: WSMan | None = None
         self._pool: RunspacePool | None = None
 
@@ -233,6 +236,8 @@ class Session:
             pool = RunspacePool(self._wsman, **_pool_kwargs(self.settings))
             try:
                 pool.open()
+                for cmd in self.on_open:
+                    _invoke_checked(pool, [cmd])
             except BaseException:
                 self.reset()
                 raise
@@ -256,6 +261,20 @@ class Session:
             except Exception:
                 log.debug("ignoring error while closing runspace pool", exc_info=True)
         self.reset()
+
+
+def _invoke_checked(pool: RunspacePool, commands: Sequence[Cmd]) -> None:
+    """Run set-up commands (e.g. Get-SCVMMServer) in a fresh pool; any error aborts the open."""
+    ps = PowerShell(pool)
+    _build(ps, commands)
+    ps.invoke()
+    records = list(ps.streams.error)
+    _close_quietly(ps)
+    if ps.had_errors or records:
+        label = commands[0].label
+        if records:
+            raise error_from_record(records[0], label, None)
+        raise errors.BackendError(f"{label} failed", command=label)
 
 
 def _pool_kwargs(settings: connection.ConnectionSettings) -> dict[str, Any]:

@@ -74,8 +74,12 @@ JOB_STATUS_MAP = {s.value.lower(): s for s in base.JobStatus}
 class VmmBackend:
     """`base.ClusterBackend` over VMM. One runspace pool, opened lazily, reopened after errors."""
 
-    def __init__(self, settings: connection.ConnectionSettings) -> None:
-        self._session = psrp.Session(settings)
+    def __init__(
+        self, settings: connection.ConnectionSettings, *, vmm_server: str = "localhost"
+    ) -> None:
+        """`vmm_server` is what Get-SCVMMServer connects to inside each new runspace."""
+        connect = psrp.Cmd("Get-SCVMMServer", {"ComputerName": vmm_server})
+        self._session = psrp.Session(settings, on_open=[connect])
 
     def close(self) -> None:
         self._session.close()
@@ -116,7 +120,7 @@ class VmmBackend:
             job = psrp.props(raw)
             if (
                 str(job.get("Name", "")).lower() in names
-                and str(job.get("ResultName", "")).lower() == result_name.lower()
+                and _short(str(job.get("ResultName", ""))).lower() == _short(result_name).lower()
             ):
                 return str(job["ID"])
         return None
