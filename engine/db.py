@@ -31,11 +31,11 @@ def connect(url: str) -> sa.Engine:
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as exc:
-        raise errors.DatabaseError(f"invalid database URL {url!r}") from exc
+        raise errors.DatabaseConfigError(f"invalid database URL {url!r}") from exc
     if parsed.get_backend_name() == "sqlite":
         return _sqlite(parsed)
     if parsed.get_backend_name() != "postgresql":
-        raise errors.DatabaseError(f"unsupported database {parsed.get_backend_name()!r}")
+        raise errors.DatabaseConfigError(f"unsupported database {parsed.get_backend_name()!r}")
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
 
 
@@ -125,7 +125,7 @@ class _reachable:
             self.conn = self.engine.connect()
         except sa.exc.OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-            raise errors.DatabaseError(
+            raise errors.DatabaseConfigError(
                 f"cannot open database {self.engine.url.render_as_string()}: {reason}"
             ) from exc
         return self.conn

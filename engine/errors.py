@@ -27,15 +27,23 @@ class RunNotFound(UsageError):
     """No such run."""
 
 
-class DatabaseError(UsageError):
+class DatabaseError(EngineError):
     """The database cannot be used."""
 
 
-class SchemaOutdated(DatabaseError):
+class DatabaseUnavailable(DatabaseError):
+    """The database connection failed mid-run (after retries); the run is intact: resume it."""
+
+
+class DatabaseConfigError(DatabaseError, UsageError):
+    """The database URL or schema cannot be used as given."""
+
+
+class SchemaOutdated(DatabaseConfigError):
     """The database schema is older than this nodepatch: run `nodepatch db upgrade`."""
 
 
-class SchemaTooNew(DatabaseError):
+class SchemaTooNew(DatabaseConfigError):
     """The database schema is newer than this nodepatch: upgrade nodepatch."""
 
 

@@ -70,7 +70,7 @@ class Heartbeat:
                 if not self.store.renew(self.lease, dt.timedelta(seconds=self.ttl)):
                     self.lost = True
                     return
-            except errors.DatabaseError as exc:  # transient: the next beat retries
+            except errors.DatabaseUnavailable as exc:  # the next beat tries again
                 log.warning("lease renewal failed: %s", exc, extra={"action": "renew_failed"})
 
     def check(self) -> None:

@@ -5,12 +5,14 @@ nothing and gets StaleRun or LeaseLost instead."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
@@ -18,7 +20,29 @@ from engine import crashpoints, errors
 from engine import schema as t
 from engine.model import Event, JournalEntry, Lease, Run, utcnow
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 GENESIS = "0" * 64
+DB_RETRIES = 6
+DB_BACKOFF_S = 0.1
+
+
+def retried(method: Callable[P, R]) -> Callable[P, R]:
+    """Retry an idempotent store call over a lost connection or a lock timeout."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in range(DB_RETRIES):
+            try:
+                return method(*args, **kwargs)
+            except errors.DatabaseUnavailable:
+                if attempt == DB_RETRIES - 1:
+                    raise
+                time.sleep(DB_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def new_run_id(now: dt.datetime) -> str:
@@ -58,14 +82,17 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sa.Connection]:
+        """One transaction; a lost connection or a lock timeout becomes DatabaseUnavailable."""
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except sa.exc.OperationalError as exc:
-            raise errors.DatabaseError(f"database error: {exc.orig or exc}") from exc
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            raise errors.DatabaseUnavailable(f"database unavailable: {reason}") from exc
 
     # ---- reads -------------------------------------------------------------------------
 
+    @retried
     def get(self, run_id: str) -> Run:
         with self._tx() as conn:
             return self._get(conn, run_id)
@@ -79,6 +106,7 @@ class Store:
             raise errors.RunNotFound(f"no run {run_id!r}")
         return Run.from_row(row)
 
+    @retried
     def resolve(self, ref: str) -> Run:
         """A run by its full ID or a unique prefix of it."""
         with self._tx() as conn:
@@ -91,6 +119,7 @@ class Store:
             raise errors.RunNotFound(f"no run {ref!r}")
         raise errors.RunNotFound(f"{ref!r} matches several runs; give more of the ID")
 
+    @retried
     def runs(
         self,
         *,
@@ -113,6 +142,7 @@ class Store:
             rows = conn.execute(query.limit(limit)).mappings().all()
         return [Run.from_row(r) for r in rows]
 
+    @retried
     def events(self, run_id: str) -> list[Event]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -122,6 +152,7 @@ class Store:
             ).mappings()
             return [Event.from_row(r) for r in rows]
 
+    @retried
     def published(self, run_id: str) -> dict[str, Any]:
         with self._tx() as conn:
             return self._published(conn, run_id)
@@ -134,12 +165,14 @@ class Store:
         )
         return {key: value for key, value in rows}
 
+    @retried
     def lock_holder(self, resource: str) -> str | None:
         with self._tx() as conn:
             return conn.execute(
                 sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
             ).scalar()
 
+    @retried
     def locks(self, run_id: str) -> list[str]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -147,6 +180,7 @@ class Store:
             )
             return [r[0] for r in rows]
 
+    @retried
     def pending_signals(self, run_id: str) -> list[str]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -156,6 +190,7 @@ class Store:
             )
             return [r[0] for r in rows]
 
+    @retried
     def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
         with self._tx() as conn:
             row = (
@@ -170,6 +205,7 @@ class Store:
             )
         return JournalEntry.from_row(row) if row else None
 
+    @retried
     def journal_entries(self, run_id: str) -> list[JournalEntry]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -220,6 +256,7 @@ class Store:
             )
             return self._get(conn, run_id)
 
+    @retried
     def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
         """Take the run's lease; Busy if another owner holds a live one."""
         now = utcnow()
@@ -252,6 +289,7 @@ class Store:
             )
         return Lease(run_id, owner, token)
 
+    @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
         with self._tx() as conn:
             return (
@@ -263,6 +301,7 @@ class Store:
                 == 1
             )
 
+    @retried
     def release(self, lease: Lease) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -271,7 +310,25 @@ class Store:
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
-    def transition(
+    def transition(self, lease: Lease, **change: Any) -> Run:
+        """Change state (see `_transition`), retrying over a lost connection. If the lost
+        connection had in fact committed, the run is already at the target: that is success."""
+        for attempt in range(DB_RETRIES):
+            try:
+                return self._transition(lease, **change)
+            except errors.DatabaseUnavailable:
+                if attempt == DB_RETRIES - 1:
+                    raise
+                time.sleep(DB_BACKOFF_S * 2**attempt)
+                with suppress(errors.DatabaseUnavailable):
+                    run = self.get(lease.run_id)
+                    if (run.state, run.version, run.lease_token) == (
+                        change["to_state"], change["version"] + 1, lease.token
+                    ):
+                        return run
+        raise AssertionError("unreachable")
+
+    def _transition(
         self,
         lease: Lease,
         *,
@@ -353,6 +410,7 @@ class Store:
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
         return run
 
+    @retried
     def set_waiting(self, lease: Lease, signal: str, reason: str) -> None:
         with self._tx() as conn:
             run = self._fenced(conn, lease)
@@ -390,6 +448,7 @@ class Store:
                 details={"signal": name, **payload},
             )
 
+    @retried
     def journal_write(
         self,
         lease: Lease,
