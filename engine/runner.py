@@ -137,10 +137,10 @@ class Runner:
     def _loop(self, lease: Lease, beat: Heartbeat, until: str | None, retry: bool) -> Stop:
         while True:
             beat.check()
-            run = self.store.get(lease.run_id)
+            run, signals, published = self.store.load(lease.run_id)
             if self.machine.is_final(run.state):
                 return Stop(run, "final")
-            if ABORT in self.store.pending_signals(run.id):
+            if ABORT in signals:
                 trigger = self.workflow.on_abort(run)
                 if trigger is None:
                     raise errors.UsageError(f"run {run.id} cannot be aborted in {run.state}")
@@ -158,14 +158,14 @@ class Runner:
                 continue
             if until == run.state:
                 return Stop(run, "until")
-            outcome = self._execute(run, beat)
+            outcome = self._execute(run, beat, published)
             if isinstance(outcome, Wait):
                 self.store.set_waiting(lease, outcome.signal, outcome.reason)
                 self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
                 return Stop(self.store.get(run.id), "waiting")
             self._fire(lease, run, outcome)
 
-    def _execute(self, run: Run, beat: Heartbeat) -> Advance | Wait:
+    def _execute(self, run: Run, beat: Heartbeat, published: dict[str, Any]) -> Advance | Wait:
         step = self.workflow.steps[run.state]
         attempt = 0
         while True:
@@ -177,7 +177,7 @@ class Runner:
                 deadline=time.monotonic() + self.settings.timeout(run.state),
                 poll_interval=self.settings.poll_interval_s,
                 progress_sink=self.progress,
-                published=self.store.published(run.id),
+                published=published,
                 sleep=self.sleep,
             )
             log.info(

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from engine import crashpoints, errors
+from engine import crashpoints, db, errors
 from engine import schema as t
 from engine.model import Event, JournalEntry, Lease, Run, utcnow
 
@@ -81,11 +81,14 @@ class Store:
         self.engine = engine
 
     @contextmanager
-    def _tx(self) -> Iterator[sa.Connection]:
+    def _tx(self, *, read_only: bool = False) -> Iterator[sa.Connection]:
         """One transaction; a lost connection or a lock timeout becomes DatabaseUnavailable."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            with self.engine.connect() as conn:
+                if read_only:
+                    conn = conn.execution_options(**{db.READ_ONLY: True})
+                with conn.begin():
+                    yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             reason = str(exc.orig or exc).strip().splitlines()[0]
             raise errors.DatabaseUnavailable(f"database unavailable: {reason}") from exc
@@ -94,7 +97,7 @@ class Store:
 
     @retried
     def get(self, run_id: str) -> Run:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             return self._get(conn, run_id)
 
     def _get(self, conn: sa.Connection, run_id: str, *, lock: bool = False) -> Run:
@@ -107,9 +110,16 @@ class Store:
         return Run.from_row(row)
 
     @retried
+    def load(self, run_id: str) -> tuple[Run, list[str], dict[str, Any]]:
+        """The run, its pending signals and its published data, read together."""
+        with self._tx(read_only=True) as conn:
+            run = self._get(conn, run_id)
+            return run, self._pending(conn, run_id), self._published(conn, run_id)
+
+    @retried
     def resolve(self, ref: str) -> Run:
         """A run by its full ID or a unique prefix of it."""
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             rows = conn.execute(
                 sa.select(t.run.c.id).where(t.run.c.id.startswith(ref, autoescape=True)).limit(2)
             ).all()
@@ -138,13 +148,13 @@ class Store:
             query = query.where(t.run.c.state == state)
         if active_only:
             query = query.where(t.run.c.finished_at.is_(None))
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             rows = conn.execute(query.limit(limit)).mappings().all()
         return [Run.from_row(r) for r in rows]
 
     @retried
     def events(self, run_id: str) -> list[Event]:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             rows = conn.execute(
                 sa.select(t.run_event)
                 .where(t.run_event.c.run_id == run_id)
@@ -154,7 +164,7 @@ class Store:
 
     @retried
     def published(self, run_id: str) -> dict[str, Any]:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             return self._published(conn, run_id)
 
     def _published(self, conn: sa.Connection, run_id: str) -> dict[str, Any]:
@@ -167,14 +177,14 @@ class Store:
 
     @retried
     def lock_holder(self, resource: str) -> str | None:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             return conn.execute(
                 sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
             ).scalar()
 
     @retried
     def locks(self, run_id: str) -> list[str]:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             rows = conn.execute(
                 sa.select(t.resource_lock.c.resource).where(t.resource_lock.c.run_id == run_id)
             )
@@ -182,17 +192,20 @@ class Store:
 
     @retried
     def pending_signals(self, run_id: str) -> list[str]:
-        with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(t.run_signal.c.name)
-                .where(t.run_signal.c.run_id == run_id, t.run_signal.c.consumed_at.is_(None))
-                .order_by(t.run_signal.c.id)
-            )
-            return [r[0] for r in rows]
+        with self._tx(read_only=True) as conn:
+            return self._pending(conn, run_id)
+
+    def _pending(self, conn: sa.Connection, run_id: str) -> list[str]:
+        rows = conn.execute(
+            sa.select(t.run_signal.c.name)
+            .where(t.run_signal.c.run_id == run_id, t.run_signal.c.consumed_at.is_(None))
+            .order_by(t.run_signal.c.id)
+        )
+        return [r[0] for r in rows]
 
     @retried
     def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             row = (
                 conn.execute(
                     sa.select(t.step_journal)
@@ -207,7 +220,7 @@ class Store:
 
     @retried
     def journal_entries(self, run_id: str) -> list[JournalEntry]:
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             rows = conn.execute(
                 sa.select(t.step_journal)
                 .where(t.step_journal.c.run_id == run_id)
@@ -229,7 +242,7 @@ class Store:
     ) -> Run:
         now = utcnow()
         run_id = new_run_id(now)
-        with self._tx() as conn:
+        with self._tx(read_only=True) as conn:
             conn.execute(
                 t.run.insert().values(
                     id=run_id,
