@@ -106,7 +106,7 @@ def engine_rate(store: Store) -> Callable[[], int]:
 def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
     def one() -> int:
         cluster = SimulatedCluster.generate(sim_path, hosts=3, vms=9, seed=1)
-        patch = NodePatch(cluster, lambda _k: SimulatedPatcher(cluster))
+        patch = NodePatch(cluster, lambda _k, _c: SimulatedPatcher(cluster))
         runner = Runner(store, patch.workflow(), SETTINGS, actor="bench@local:0")
         params = Params("cluster1", "hv01", Policies(), "simulated", 4)
         run = runner.create(subject("cluster1", "hv01"), params.to_json())

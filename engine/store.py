@@ -84,9 +84,8 @@ class Store:
     def _tx(self, *, read_only: bool = False) -> Iterator[sa.Connection]:
         """One transaction; a lost connection or a lock timeout becomes DatabaseUnavailable."""
         try:
-            with self.engine.connect() as conn:
-                if read_only:
-                    conn = conn.execution_options(**{db.READ_ONLY: True})
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(**{db.READ_ONLY: True}) if read_only else raw
                 with conn.begin():
                     yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:

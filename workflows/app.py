@@ -54,10 +54,7 @@ class App:
                     "(or pass --sim FILE / set NODEPATCH_SIM)"
                 )
             return SimulatedCluster(path)
-        from workflows.backends import connection
-
-        where = f"backend.{self.settings.backend}"
-        conn = connection.from_mapping(self.settings.connection, where, self.environ)
+        conn = self.connection()
         if self.settings.backend == "vmm":
             from workflows.backends.vmm import VmmBackend
 
@@ -66,7 +63,15 @@ class App:
 
         return FailoverBackend(conn)
 
-    def patcher(self, kind: str) -> Patcher:
+    def connection(self) -> Any:
+        """The validated connection settings of the configured VMM or failover backend."""
+        from workflows.backends import connection
+
+        where = f"backend.{self.settings.backend}"
+        return connection.from_mapping(self.settings.connection, where, self.environ)
+
+    def patcher(self, kind: str, cluster: str) -> Patcher:
+        """The patcher of a run; raises ConfigError if its configuration is invalid."""
         options: dict[str, Any] = dict(self.settings.patcher_options)
         if kind == "simulated":
             from workflows.backends.simulated import SimulatedCluster
@@ -81,7 +86,16 @@ class App:
             )
         from workflows.patchers import remote
 
-        return remote.build(kind, options, self.backend, self.environ)
+        patchers: dict[str, type[remote.RebootPatcher | remote.WindowsUpdatePatcher |
+                                 remote.ScriptPatcher]] = {
+            "reboot": remote.RebootPatcher,
+            "windows-update": remote.WindowsUpdatePatcher,
+            "script": remote.ScriptPatcher,
+        }
+        if kind not in patchers:
+            raise errors.ConfigError(f"patcher.kind: {kind!r} has no implementation here")
+        config = remote.settings_from_mapping(options, f"patcher.{kind}", self.environ)
+        return patchers[kind](config, self.backend, cluster)
 
     def runner(self) -> Runner:
         return Runner(

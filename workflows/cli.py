@@ -20,7 +20,7 @@ from workflows import plan as planning
 from workflows import render, settings
 from workflows.app import App
 from workflows.backends.base import Inventory
-from workflows.node_patch import ABORTED, DONE, STATES, NodePatch, Params, subject
+from workflows.node_patch import ABORTED, DONE, EXTERNAL, STATES, NodePatch, Params, subject
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY = 0, 1, 2, 3, 4
 log = logging.getLogger("nodepatch")
@@ -369,6 +369,8 @@ def start_cmd(
             f"node {params.node} already has run {active[0].id} ({active[0].state}); "
             f"use `nodepatch resume {active[0].id}` or `nodepatch abort {active[0].id}`"
         )
+    if params.patcher != EXTERNAL:
+        app.patcher(params.patcher, params.cluster)  # invalid patcher settings: refuse now
     runner = app.runner()
     run = runner.create(subject(params.cluster, params.node), params.to_json())
     if not as_json:
@@ -512,6 +514,30 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
     else:
         click.echo(render.run_summary(run))
         click.echo(render.history_table(events))
+
+
+@main.command("doctor")
+@click.option("--cluster", help="Also check that this cluster and its nodes are visible.")
+@json_option
+@pass_app
+def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
+    """Check the configured connection end to end and say what is wrong in plain words."""
+    from workflows import doctor
+
+    if app.sim_file or app.settings.backend == "simulated":
+        checks = [doctor.Check("simulated", True, "the simulated backend needs no connection")]
+        if cluster:
+            names = [h.name for h in _inventory(app, cluster).hosts]
+            checks.append(doctor.Check("cluster", True, f"{cluster}: {', '.join(names)}"))
+    else:
+        checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        _emit({"ok": ok, "checks": [c.__dict__ for c in checks]})
+    else:
+        for c in checks:
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    sys.exit(EXIT_DONE if ok else EXIT_FAILED)
 
 
 @main.group("audit")

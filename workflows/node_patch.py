@@ -92,7 +92,7 @@ class Params:
 class NodePatch:
     """The steps, bound to a backend and a way to build the run's patcher."""
 
-    def __init__(self, backend: ClusterBackend, patcher: Callable[[str], Patcher]) -> None:
+    def __init__(self, backend: ClusterBackend, patcher: Callable[[str, str], Patcher]) -> None:
         self.backend = backend
         self.patcher = patcher
 
@@ -231,7 +231,7 @@ class NodePatch:
                 f"patch {p.node}, then run `nodepatch signal {ctx.run.id} "
                 f"{PATCHED}` and `nodepatch resume {ctx.run.id}`",
             )
-        patcher = self.patcher(p.patcher)
+        patcher = self.patcher(p.patcher, p.cluster)
         outcome = ctx.run_job(
             "patch",
             submit=lambda: patcher.begin(p.node),
