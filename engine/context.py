@@ -98,6 +98,17 @@ class StepContext:
         """Journal keys are scoped to this entry into the state (its run version)."""
         return f"{self.run.state}@{self.run.version}:{name}"
 
+    def job_status(self, name: str) -> str | None:
+        """The journal status of job `name` in this entry into the state, if it was started:
+        intent, submitted, succeeded or failed."""
+        entry = self.store.journal(self.run.id, self.key(name))
+        return entry.status if entry else None
+
+    def in_flight(self, name: str) -> bool:
+        """Whether job `name` was started and not concluded (a crash interrupted it): the step
+        must re-attach to it, whatever the cluster looks like now."""
+        return self.job_status(name) in ("intent", "submitted")
+
     def run_job(
         self,
         name: str,

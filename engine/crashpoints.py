@@ -1,9 +1,9 @@
 """Named crash points for durability tests: inert unless NODEPATCH_CRASH_AT names the point.
 
 `hit(name)` exits the process at once (os._exit, no cleanup, no commit) when the environment
-variable NODEPATCH_CRASH_AT equals name, simulating a power cut or SIGKILL at that instant.
-Every point passed is recorded when NODEPATCH_CRASH_TRACE names a file, so tests can list the
-points a run goes through.
+variable NODEPATCH_CRASH_AT equals name (its first passing in this process) or `name#N` (its
+N-th passing), simulating a power cut or SIGKILL at that instant. Every point passed is recorded
+when NODEPATCH_CRASH_TRACE names a file, so tests can list the points a run goes through.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import os
 
 CRASH_EXIT_CODE = 137
 
+_passed: dict[str, int] = {}
+
 
 def hit(name: str) -> None:
+    count = _passed[name] = _passed.get(name, 0) + 1
     trace = os.environ.get("NODEPATCH_CRASH_TRACE")
     if trace:
         with open(trace, "a", encoding="utf-8") as fh:  # noqa: PTH123 - hot and tiny
             fh.write(name + "\n")
-    if os.environ.get("NODEPATCH_CRASH_AT") == name:
+    if os.environ.get("NODEPATCH_CRASH_AT") in (name, f"{name}#{count}"):
         os._exit(CRASH_EXIT_CODE)

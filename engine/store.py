@@ -335,7 +335,9 @@ class Store:
                 with suppress(errors.DatabaseUnavailable):
                     run = self.get(lease.run_id)
                     if (run.state, run.version, run.lease_token) == (
-                        change["to_state"], change["version"] + 1, lease.token
+                        change["to_state"],
+                        change["version"] + 1,
+                        lease.token,
                     ):
                         return run
         raise AssertionError("unreachable")

@@ -86,8 +86,9 @@ class App:
             )
         from workflows.patchers import remote
 
-        patchers: dict[str, type[remote.RebootPatcher | remote.WindowsUpdatePatcher |
-                                 remote.ScriptPatcher]] = {
+        patchers: dict[
+            str, type[remote.RebootPatcher | remote.WindowsUpdatePatcher | remote.ScriptPatcher]
+        ] = {
             "reboot": remote.RebootPatcher,
             "windows-update": remote.WindowsUpdatePatcher,
             "script": remote.ScriptPatcher,

@@ -159,17 +159,22 @@ class NodePatch:
     def _pre_drain_actions(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> None:
         inventory = self.backend.inventory(p.cluster)
         specs: list[JobSpec] = []
+        power = {
+            planning.Action.SAVE: self.backend.save_vm,
+            planning.Action.SHUTDOWN: self.backend.shutdown_vm,
+        }
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
-            if vm is None or vm.host.lower() != p.node.lower():
-                continue
             action = planning.Action(planned.action)
-            if action is planning.Action.SAVE and vm.state is PowerState.RUNNING:
-                specs.append(self._spec("save_vm", vm.id, self.backend.save_vm, planned.name))
-            elif action is planning.Action.SHUTDOWN and vm.state is PowerState.RUNNING:
-                specs.append(
-                    self._spec("shutdown_vm", vm.id, self.backend.shutdown_vm, planned.name)
-                )
+            if vm is None or not (action in power or action.moves_before_drain):
+                continue
+            kind = "move_vm" if action.moves_before_drain else f"{action}_vm"
+            if ctx.in_flight(f"{kind}:{vm.id}"):  # re-attach, whatever the VM looks like now
+                specs.append(self._reattach_spec(kind, vm.id, planned.name))
+            elif vm.host.lower() != p.node.lower():
+                continue
+            elif action in power and vm.state is PowerState.RUNNING:
+                specs.append(self._spec(kind, vm.id, power[action], planned.name))
             elif action.moves_before_drain:
                 target = _target(inventory, p.node, planned)
                 specs.append(self._move_spec(vm.id, target, planned.name))
@@ -178,7 +183,7 @@ class NodePatch:
     def _enter_maintenance(self, ctx: StepContext, p: Params) -> None:
         inventory = self.backend.inventory(p.cluster)
         host = inventory.host(p.node)
-        if host is not None and host.maintenance:
+        if host is not None and host.maintenance and not ctx.in_flight("enter_maintenance"):
             return
         outcome = ctx.run_job(
             "enter_maintenance",
@@ -250,7 +255,7 @@ class NodePatch:
     def enable(self, ctx: StepContext) -> StepResult:
         p = Params.from_run(ctx.run)
         host = self._wait_responding(ctx, p)
-        if host.maintenance:
+        if host.maintenance or ctx.in_flight("exit_maintenance"):
             outcome = ctx.run_job(
                 "exit_maintenance",
                 submit=lambda: self.backend.exit_maintenance(p.node),
@@ -293,7 +298,14 @@ class NodePatch:
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
             entry = report[planned.id] = _report_entry(planned, vm, drained)
+            job = f"move_vm:{planned.id}"
+            if vm is not None and ctx.in_flight(job):
+                specs.append(self._reattach_spec("move_vm", vm.id, planned.name))
+                free -= vm.memory_mb if vm.uses_memory else 0
+                continue
             if vm is None or vm.host.lower() == p.node.lower():
+                if vm is not None and ctx.job_status(job) == "succeeded":
+                    entry["outcome"] = "moved back"
                 continue
             expected = drained.get(planned.id, {}).get("host")
             if expected is None or vm.host.lower() != str(expected).lower():
@@ -322,27 +334,30 @@ class NodePatch:
         snapshot: planning.Plan,
         report: dict[str, dict[str, Any]],
     ) -> list[str]:
+        """Start again the VMs this run saved or shut down; note changes made by others."""
         inventory = self.backend.inventory(p.cluster)
         specs = []
-        changed_by_us = {
-            planning.Action.SAVE,
-            planning.Action.SHUTDOWN,
-            planning.Action.MIGRATE,
-            planning.Action.LIVE_MIGRATE,
-        }
+        ours = {planning.Action.SAVE, planning.Action.SHUTDOWN}
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
             entry = report[planned.id]
+            job = f"start_vm:{planned.id}"
             if vm is None or entry["outcome"].startswith("skipped"):
                 continue
-            if planned.state != PowerState.RUNNING or vm.state is PowerState.RUNNING:
+            if ctx.in_flight(job):
+                specs.append(self._reattach_spec("start_vm", vm.id, planned.name))
+            elif vm.state is PowerState.RUNNING and ctx.job_status(job) == "succeeded":
+                _note(entry, "started")
+            elif str(vm.state) == planned.state:
                 continue
-            if (
-                planning.Action(planned.action) not in changed_by_us
-                or vm.state is PowerState.PAUSED
-            ):
-                continue
-            specs.append(self._spec("start_vm", vm.id, self.backend.start_vm, planned.name))
+            elif planning.Action(planned.action) in ours and planned.state == PowerState.RUNNING:
+                specs.append(self._spec("start_vm", vm.id, self.backend.start_vm, planned.name))
+            else:
+                _note(
+                    entry,
+                    f"power state changed by someone else ({planned.state} -> "
+                    f"{vm.state}), left as is",
+                )
         return self._run(ctx, specs, p.concurrency, report, "start")
 
     # ---- helpers -----------------------------------------------------------------------
@@ -355,9 +370,22 @@ class NodePatch:
             label=f"{kind.replace('_vm', '')} {name}",
         )
 
+    def _reattach_spec(self, kind: str, vm_id: str, name: str) -> JobSpec:
+        """A job already journaled as started: run_jobs polls it and never calls submit."""
+
+        def unreachable() -> str:
+            raise errors.StepFailed(f"{kind} of {name!r} was journaled but cannot be re-attached")
+
+        return JobSpec(
+            name=f"{kind}:{vm_id}",
+            submit=unreachable,
+            find=lambda: self.backend.find_job(kind, vm_id),
+            label=f"{kind} {name}",
+        )
+
     def _move_spec(self, vm_id: str, host: str, name: str) -> JobSpec:
         return JobSpec(
-            name=f"move_vm:{vm_id}->{host}",
+            name=f"move_vm:{vm_id}",
             submit=lambda: self.backend.move_vm(vm_id, host),
             find=lambda: self.backend.find_job("move_vm", vm_id),
             label=f"move {name} to {host}",
@@ -387,16 +415,21 @@ class NodePatch:
                 entry["outcome"] = f"failed to {what}: {outcome.message}"
                 failures.append(f"{entry['name']!r} ({entry['id']}): {outcome.message}")
             elif what == "start":
-                moved = entry["outcome"] == "moved back"
-                entry["outcome"] = "moved back, started" if moved else "started"
+                _note(entry, "started")
             else:
                 entry["outcome"] = "moved back"
         return failures
 
 
+def _note(entry: dict[str, Any], outcome: str) -> None:
+    """Add to a VM's outcome: `moved back` + `started` reads `moved back, started`."""
+    done = entry["outcome"] in ("in place", "pending", "")
+    entry["outcome"] = outcome if done else f"{entry['outcome']}, {outcome}"
+
+
 def _vm_of(spec: JobSpec) -> str:
-    """The VM ID in a job name such as `move_vm:<id>-><host>` or `start_vm:<id>`."""
-    return spec.name.split(":", 1)[1].split("->", 1)[0]
+    """The VM ID in a job name such as `move_vm:<id>` or `start_vm:<id>`."""
+    return spec.name.split(":", 1)[1]
 
 
 def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str:
