@@ -16,7 +16,7 @@ from tests.standin import build
 from tests.standin.fixtures import Rig
 from workflows.backends.simulated import SimulatedCluster
 
-PASSWORD = "Tr1cky-'$`;\"-passw0rd"  # noqa: S105 - the stand-in's credential for this test
+PASSWORD = "Tr1cky-'$`;\"-passw0rd"
 
 
 @pytest.fixture
