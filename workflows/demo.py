@@ -16,6 +16,36 @@ from workflows.app import App
 from workflows.node_patch import DONE, Params, subject
 
 
+def _vm(
+    n: int, host: str, *, ha: bool = True, state: str = "Running", mb: int = 4096
+) -> dict[str, object]:
+    return {
+        "id": f"00000000-0000-4000-8000-{n:012d}",
+        "name": f"vm{n:02d}",
+        "host": host,
+        "ha": ha,
+        "state": state,
+        "memory_mb": mb,
+    }
+
+
+SCENARIO = {
+    "clusters": [
+        {"name": "cluster1", "hosts": [{"name": f"hv0{i}", "memory_mb": 32768} for i in (1, 2, 3)]}
+    ],
+    "vms": [
+        _vm(1, "hv01", mb=8192),
+        _vm(2, "hv01"),
+        _vm(3, "hv01", ha=False),
+        _vm(4, "hv01", state="PowerOff"),
+        _vm(5, "hv02", mb=8192),
+        _vm(6, "hv02"),
+        _vm(7, "hv03"),
+        _vm(8, "hv03", ha=False),
+    ],
+}
+
+
 @click.command("demo")
 @click.option(
     "--speed",
@@ -31,13 +61,14 @@ def demo_cmd(app: App, speed: float, keep: str | None) -> None:
     from workflows.backends.simulated import SimulatedCluster
 
     path = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="nodepatch-demo-")) / "c.json"
-    cluster = SimulatedCluster.generate(
-        path, hosts=3, vms=9, non_ha=1, stopped_ha=1, seed=7, speed=speed
-    )
+    cluster = SimulatedCluster.create(path, SCENARIO, speed=speed)
     before = {vm["id"]: vm for vm in cluster.snapshot()["vms"]}
-    non_ha = [vm for vm in before.values() if not vm["ha"] and vm["state"] == "Running"]
-    node = non_ha[0]["host"] if non_ha else "hv01"
-    click.echo(f"simulated cluster {path}: 3 nodes, 9 VMs (one non-HA running, one HA off)")
+    node = "hv01"
+    click.echo(f"simulated cluster {path}: 3 nodes, {len(before)} VMs; patching {node}, which")
+    click.echo(
+        "runs 2 HA VMs, 1 non-HA VM (policy: migrate) and holds 1 HA VM that is off "
+        "(policy: evacuate)"
+    )
     app.sim_file = str(path)
     app.settings = replace(
         app.settings,
