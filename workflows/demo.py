@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from engine.runner import RunnerSettings
 from workflows import plan as planning
 from workflows import render
 from workflows.app import App
@@ -70,13 +69,7 @@ def demo_cmd(app: App, speed: float, keep: str | None) -> None:
         "(policy: evacuate)"
     )
     app.sim_file = str(path)
-    app.settings = replace(
-        app.settings,
-        patcher="simulated",
-        runner=replace(app.settings.runner, poll_interval_s=0.05)
-        if isinstance(app.settings.runner, RunnerSettings)
-        else app.settings.runner,
-    )
+    app.settings = replace(app.settings, runner=replace(app.settings.runner, poll_interval_s=0.05))
     app.progress = lambda message: click.echo(f"  {message}")
     params = Params(
         "cluster1",
