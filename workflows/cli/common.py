@@ -1,0 +1,33 @@
+"""What the nodepatch commands share: exit codes, options, JSON output, input checks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from engine import errors
+from workflows.app import App
+from workflows.backends.base import Inventory
+from workflows.node_patch import STATES
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY = 0, 1, 2, 3, 4
+
+pass_app = click.make_pass_decorator(App)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+until_option = click.option(
+    "--until", type=click.Choice(STATES), help="Stop on entering this state, before its step runs."
+)
+
+
+def emit(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str, ensure_ascii=False))
+
+
+def inventory(app: App, cluster: str) -> Inventory:
+    """The cluster's inventory; a cluster that does not exist is the user's input error."""
+    try:
+        return app.backend.inventory(cluster)
+    except errors.NotFound as exc:
+        raise errors.UsageError(str(exc)) from exc

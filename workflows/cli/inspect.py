@@ -1,0 +1,171 @@
+"""Looking at runs and the installation: status, runs, history, audit, doctor, db."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from engine import db
+from workflows import render
+from workflows.app import App
+from workflows.cli.common import (
+    EXIT_DONE,
+    EXIT_FAILED,
+    emit,
+    inventory,
+    json_option,
+    pass_app,
+)
+from workflows.node_patch import STATES
+
+# ---- database ----------------------------------------------------------------------------
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema management."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create or upgrade the schema to this version (alembic migrations)."""
+    engine = db.connect(app.database_url)
+    db.upgrade(engine)
+    click.echo(f"database at revision {db.current_revision(engine)}")
+    engine.dispose()
+
+
+# ---- inspection --------------------------------------------------------------------------
+
+
+@click.command("status")
+@click.argument("run_ref", metavar="RUN")
+@json_option
+@pass_app
+def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
+    """Show RUN: state, error, published data and the per-VM table."""
+    run = app.store.resolve(run_ref)
+    published = app.store.published(run.id)
+    if as_json:
+        doc = render.run_json(run, published)
+        doc["locks"] = app.store.locks(run.id)
+        doc["journal"] = [
+            {
+                "key": e.step_key,
+                "attempt": e.attempt,
+                "status": e.status,
+                "external_ref": e.external_ref,
+                "result": e.result,
+            }
+            for e in app.store.journal_entries(run.id)
+        ]
+        emit(doc)
+        return
+    click.echo(render.run_summary(run))
+    locks = app.store.locks(run.id)
+    if locks:
+        click.echo(f"holds: {', '.join(locks)}")
+    table = render.vm_report(published)
+    if table:
+        click.echo(table)
+
+
+@click.command("runs")
+@click.option("--cluster")
+@click.option("--node")
+@click.option("--state", type=click.Choice(STATES))
+@json_option
+@pass_app
+def runs_cmd(
+    app: App, cluster: str | None, node: str | None, state: str | None, as_json: bool
+) -> None:
+    """List runs, newest first."""
+    runs = app.store.runs(subject_prefix=f"{cluster}/" if cluster else None, state=state)
+    if node:
+        runs = [r for r in runs if str(r.params.get("node", "")).lower() == node.lower()]
+    if as_json:
+        emit([render.run_json(r, {}) | {"published": None} for r in runs])
+    else:
+        click.echo(render.runs_table(runs))
+
+
+@click.command("history")
+@click.argument("run_ref", metavar="RUN")
+@json_option
+@pass_app
+def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
+    """The audit trail of RUN: every transition, lease, signal and wait, with actor and time."""
+    run = app.store.resolve(run_ref)
+    events = app.store.events(run.id)
+    if as_json:
+        emit(
+            {
+                "run_id": run.id,
+                "state": run.state,
+                "events": [e.to_json() for e in events],
+                "published": app.store.published(run.id),
+            }
+        )
+    else:
+        click.echo(render.run_summary(run))
+        click.echo(render.history_table(events))
+
+
+@click.command("doctor")
+@click.option("--cluster", help="Also check that this cluster and its nodes are visible.")
+@json_option
+@pass_app
+def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
+    """Check the configured connection end to end and say what is wrong in plain words."""
+    from workflows import doctor
+
+    if app.sim_file or app.settings.backend == "simulated":
+        checks = [doctor.Check("simulated", True, "the simulated backend needs no connection")]
+        if cluster:
+            names = [h.name for h in inventory(app, cluster).hosts]
+            checks.append(doctor.Check("cluster", True, f"{cluster}: {', '.join(names)}"))
+    else:
+        checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        emit({"ok": ok, "checks": [c.__dict__ for c in checks]})
+    else:
+        for c in checks:
+            click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    sys.exit(EXIT_DONE if ok else EXIT_FAILED)
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """Check the audit trail."""
+
+
+@audit_group.command("verify")
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@json_option
+@pass_app
+def audit_verify_cmd(app: App, run_ref: str | None, as_json: bool) -> None:
+    """Verify the hash chain of RUN's audit trail (or of every run). Exit 1 if tampered."""
+    from engine import audit
+
+    runs = [app.store.resolve(run_ref)] if run_ref else app.store.runs(limit=1_000_000)
+    findings = [f for run in runs for f in audit.verify(app.store, run.id)]
+    if as_json:
+        emit(
+            {
+                "runs_checked": len(runs),
+                "intact": not findings,
+                "findings": [f.__dict__ for f in findings],
+            }
+        )
+    else:
+        for f in findings:
+            where = f"event {f.event_id}" if f.event_id is not None else "end of trail"
+            click.echo(f"run {f.run_id}, {where}: {f.problem}")
+        click.echo(
+            f"{len(runs)} run(s) checked: "
+            + ("audit trail intact" if not findings else f"{len(findings)} problem(s)")
+        )
+    sys.exit(EXIT_FAILED if findings else EXIT_DONE)
