@@ -4,9 +4,43 @@ chain at a place this module names."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from engine.store import GENESIS, Store, event_hash, hashed_fields
+if TYPE_CHECKING:
+    from engine.store import Store
+
+GENESIS = "0" * 64
+
+
+def event_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def hashed_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields an event's hash covers (everything but its id and the hashes)."""
+    occurred = event["occurred_at"]
+    if isinstance(occurred, dt.datetime):
+        if occurred.tzinfo is not None:
+            occurred = occurred.astimezone(dt.UTC)
+        occurred = occurred.replace(tzinfo=None).isoformat()
+    return {
+        "run_id": event["run_id"],
+        "run_version": event["run_version"],
+        "kind": event["kind"],
+        "trigger": event["trigger"],
+        "from_state": event["from_state"],
+        "to_state": event["to_state"],
+        "actor": event["actor"],
+        "lease_token": event["lease_token"],
+        "occurred_at": occurred,
+        "details": event["details"],
+    }
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
 import json
 import secrets
 import time
@@ -16,14 +15,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from engine import crashpoints, db, errors
+from engine import audit, crashpoints, db, errors
 from engine import schema as t
 from engine.model import Event, JournalEntry, Lease, Run, utcnow
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-GENESIS = "0" * 64
 DB_RETRIES = 6
 DB_BACKOFF_S = 0.1
 
@@ -48,32 +46,6 @@ def retried(method: Callable[P, R]) -> Callable[P, R]:
 def new_run_id(now: dt.datetime) -> str:
     """Sortable and short enough to type: 20261125-100312-3f9a1c."""
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
-def event_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
-
-
-def hashed_fields(event: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields an event's hash covers (everything but its id and the hashes)."""
-    occurred = event["occurred_at"]
-    if isinstance(occurred, dt.datetime):
-        if occurred.tzinfo is not None:
-            occurred = occurred.astimezone(dt.UTC)
-        occurred = occurred.replace(tzinfo=None).isoformat()
-    return {
-        "run_id": event["run_id"],
-        "run_version": event["run_version"],
-        "kind": event["kind"],
-        "trigger": event["trigger"],
-        "from_state": event["from_state"],
-        "to_state": event["to_state"],
-        "actor": event["actor"],
-        "lease_token": event["lease_token"],
-        "occurred_at": occurred,
-        "details": event["details"],
-    }
 
 
 class Store:
@@ -621,7 +593,7 @@ class Store:
             "occurred_at": utcnow(),
             "details": json.loads(json.dumps(dict(details or {}), default=str)),
         }
-        prev_hash = prev or GENESIS
-        head = event_hash(prev_hash, hashed_fields(event))
+        prev_hash = prev or audit.GENESIS
+        head = audit.event_hash(prev_hash, audit.hashed_fields(event))
         conn.execute(t.run_event.insert().values(**event, prev_hash=prev_hash, hash=head))
         conn.execute(t.run.update().where(t.run.c.id == run_id).values(audit_head=head))
