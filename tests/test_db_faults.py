@@ -52,8 +52,11 @@ def test_runner_whose_connections_are_killed_mid_run_reconnects_and_finishes(
     again and again (pg_terminate_backend): it reconnects and ends Done, with every transition
     exactly once and every cluster operation exactly once."""
     cli = d.make_cli(tmp_path, pg_url, d.config(lease_ttl_s=3, patch_seconds=5))
-    scenario = d.scenario(d.vm("h1", "hv1"), d.vm("h2", "hv1"), d.vm("o1", "hv2"))
-    sim = SimulatedCluster.create(cli.sim, scenario, speed=60)
+    big = 8192  # drain ~40 and patch ~125 simulated seconds: about 1 s and 3 s of real time
+    scenario = d.scenario(
+        d.vm("h1", "hv1", memory=big), d.vm("h2", "hv1", memory=big), d.vm("o1", "hv2")
+    )
+    sim = SimulatedCluster.create(cli.sim, scenario, speed=40)
     before = d.placement(sim)
     proc = d.spawn(cli, "start", "--cluster", "c1", "--node", "hv1", "--json")
     admin = sa.create_engine(db.normalise_url(pg_url), isolation_level="AUTOCOMMIT")
@@ -71,7 +74,7 @@ def test_runner_whose_connections_are_killed_mid_run_reconnects_and_finishes(
                 killed = conn.exec_driver_sql(KILL_OTHERS).scalar() or 0
                 if killed:
                     kills[str(state)] = kills.get(str(state), 0) + 1
-                time.sleep(0.15)
+                time.sleep(0.1)
     finally:
         admin.dispose()
     result = proc.wait()

@@ -86,7 +86,8 @@ def test_holder_killed_with_sigkill_is_taken_over_after_its_lease_expires(
     """A holder killed mid-drain keeps the run busy (exit 4, naming it) until its lease
     expires; then a new process takes over, re-attaches to the drain job and finishes, every
     cluster operation done once."""
-    cli = d.make_cli(tmp_path, db_url)
+    # A lease long enough to outlive the start-up of the `busy` probe on a loaded machine.
+    cli = d.make_cli(tmp_path, db_url, d.config(lease_ttl_s=5))
     sim = SimulatedCluster.create(cli.sim, SCENARIO)
     before = d.placement(sim)
     run_id = _started(cli, sim)
