@@ -105,9 +105,11 @@ class StepContext:
         return entry.status if entry else None
 
     def in_flight(self, name: str) -> bool:
-        """Whether job `name` was started and not concluded (a crash interrupted it): the step
-        must re-attach to it, whatever the cluster looks like now."""
-        return self.job_status(name) in ("intent", "submitted")
+        """Whether job `name` was submitted (its reference journaled) and not concluded: the
+        step must re-attach to it, whatever the cluster looks like now. A job journaled only
+        as an intent may never have reached the backend: the step decides from the cluster's
+        state, and `run_jobs` looks for it before submitting again."""
+        return self.job_status(name) == "submitted"
 
     def run_job(
         self,

@@ -156,6 +156,7 @@ class Runner:
                 retry = False
                 self._fire(lease, run, Advance(f"retry:{run.failed_from}"))
                 continue
+            retry = False  # only a run that was Failed when this drive began is retried
             if until == run.state:
                 return Stop(run, "until")
             outcome = self._execute(run, beat, published)

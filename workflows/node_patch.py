@@ -304,8 +304,6 @@ class NodePatch:
                 free -= vm.memory_mb if vm.uses_memory else 0
                 continue
             if vm is None or vm.host.lower() == p.node.lower():
-                if vm is not None and ctx.job_status(job) == "succeeded":
-                    entry["outcome"] = "moved back"
                 continue
             expected = drained.get(planned.id, {}).get("host")
             if expected is None or vm.host.lower() != str(expected).lower():
@@ -423,7 +421,7 @@ class NodePatch:
 
 def _note(entry: dict[str, Any], outcome: str) -> None:
     """Add to a VM's outcome: `moved back` + `started` reads `moved back, started`."""
-    done = entry["outcome"] in ("in place", "pending", "")
+    done = entry["outcome"] in ("in place", "pending")
     entry["outcome"] = outcome if done else f"{entry['outcome']}, {outcome}"
 
 
@@ -456,6 +454,12 @@ def _report_entry(
     planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any]
 ) -> dict[str, Any]:
     during = drained.get(planned.id, {}).get("host", planned.host)
+    if vm is None:
+        outcome = "deleted during the run"
+    elif vm.host.lower() != planned.host.lower():
+        outcome = "pending"
+    else:  # home: it either never left, or an earlier attempt of this step brought it back
+        outcome = "in place" if during.lower() == planned.host.lower() else "moved back"
     return {
         "id": planned.id,
         "name": planned.name,
@@ -463,7 +467,5 @@ def _report_entry(
         "to": during,
         "action": planned.action,
         "state_before": planned.state,
-        "outcome": "deleted during the run"
-        if vm is None
-        else ("in place" if vm.host.lower() == planned.host.lower() else "pending"),
+        "outcome": outcome,
     }
