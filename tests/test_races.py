@@ -51,6 +51,12 @@ def _started(cli: d.Cli, sim: SimulatedCluster) -> str:
     return str(result.json()["run_id"])
 
 
+def _journaled(db_url: str, run_id: str, job: str) -> bool:
+    with d.store(db_url) as s:
+        entries = s.journal_entries(run_id)
+    return any(e.step_key.endswith(f":{job}") and e.status == "submitted" for e in entries)
+
+
 def test_eight_resumes_at_once_one_drives_and_the_others_exit_busy_naming_it(
     tmp_path: Path, db_url: str
 ) -> None:
@@ -92,7 +98,9 @@ def test_holder_killed_with_sigkill_is_taken_over_after_its_lease_expires(
     before = d.placement(sim)
     run_id = _started(cli, sim)
     holder = d.spawn(cli, "resume", run_id)
-    d.wait_for(lambda: sim.counts().get("enter_maintenance:hv1") == 1, timeout=60)
+    # Kill once the drain job's reference is journaled: the window between a submit and its
+    # journaling is the crash matrix's `after_submit:*` points, killed deterministically there.
+    d.wait_for(lambda: _journaled(db_url, run_id, "enter_maintenance"), timeout=60)
     os.kill(holder.proc.pid, signal.SIGKILL)
     assert holder.wait().code == -signal.SIGKILL
     busy = cli("resume", run_id)
