@@ -435,7 +435,8 @@ def test_host_never_returns_keeps_the_reboot_job_running(path: Path) -> None:
 
 
 def test_simulated_patcher_reports_kbs_and_reattaches(path: Path, clock: FakeClock) -> None:
-    """The patcher's work is the reboot job: find() re-attaches to it, poll() reports its KBs."""
+    """The patcher's work is the reboot job: find() re-attaches to it while it runs and after
+    it finished in the same maintenance window; poll() reports its KBs."""
     cluster = SimulatedCluster.create(path, drain_scenario(), speed=1.0, clock=clock)
     cluster.set_speed(0)
     run(cluster, cluster.enter_maintenance("hv01"))
@@ -449,6 +450,9 @@ def test_simulated_patcher_reports_kbs_and_reattaches(path: Path, clock: FakeClo
     assert job.ok
     assert job.details["kbs"] == SimulatedPatcher(cluster).poll(ref).details["kbs"]
     assert job.details["kbs"].startswith("KB")
+    assert patcher.find("hv01") == ref  # done in this maintenance window: never twice
+    cluster.set_speed(0)
+    run(cluster, cluster.exit_maintenance("hv01"))
     assert patcher.find("hv01") is None
 
 

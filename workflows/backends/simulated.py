@@ -683,6 +683,11 @@ class SimulatedCluster:
     def find_job(self, kind: str, target: str) -> str | None:
         return self._call("find_job", lambda w: _find_job(w, kind, target))
 
+    def reboot_in_maintenance(self, host: str) -> str | None:
+        """The reboot job that ran on host during its current maintenance window, if any: the
+        evidence that a patch already happened there."""
+        return self._call("find_job", lambda w: _reboot_in_maintenance(w, host))
+
     def close(self) -> None:
         """Nothing to release: every call opens and closes the file."""
 
@@ -768,6 +773,21 @@ def _find_job(world: _World, kind: str, target: str) -> str | None:
     return next(
         (j["id"] for j in world.open_jobs() if j["kind"] == kind and j["target"] == target), None
     )
+
+
+def _reboot_in_maintenance(world: _World, name: str) -> str | None:
+    host = world.find_host(name)
+    if host is None or not host["maintenance"]:
+        return None
+    found: str | None = None
+    for job in world.state["jobs"].values():  # in submission order
+        if job["target"] != host["name"]:
+            continue
+        if job["kind"] == "enter_maintenance":
+            found = None
+        elif job["kind"] == "reboot_host":
+            found = job["id"]
+    return found
 
 
 def _snapshot(world: _World) -> JSON:

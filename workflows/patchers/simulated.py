@@ -26,4 +26,8 @@ class SimulatedPatcher:
         return self._cluster.job(ref)
 
     def find(self, host: str) -> str | None:
-        return self._cluster.find_job("reboot_host", host)
+        """Patch work on host to re-attach to: still running, or already done in this
+        maintenance window (then it must not be done twice)."""
+        return self._cluster.find_job("reboot_host", host) or self._cluster.reboot_in_maintenance(
+            host
+        )
