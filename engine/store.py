@@ -48,6 +48,17 @@ def new_run_id(now: dt.datetime) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def _transient(exc: sa.exc.DBAPIError) -> bool:
+    """A lost connection (PostgreSQL) or a lock wait that ran out (SQLite): worth a retry.
+    A missing table or a syntax error is not."""
+    if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
+        return True
+    if exc.orig is not None and type(exc.orig).__module__.startswith("psycopg"):
+        return True
+    message = str(exc.orig).lower()
+    return "locked" in message or "busy" in message
+
+
 class Store:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -62,6 +73,8 @@ class Store:
                     yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             reason = str(exc.orig or exc).strip().splitlines()[0]
+            if not _transient(exc):
+                raise errors.DatabaseError(f"database error: {reason}") from exc
             raise errors.DatabaseUnavailable(f"database unavailable: {reason}") from exc
 
     # ---- reads -------------------------------------------------------------------------
