@@ -15,7 +15,7 @@ from engine.context import JobSpec, StepContext
 from engine.model import Run
 from engine.workflow import Advance, StepResult, Transition, Wait, Workflow
 from workflows import plan as planning
-from workflows.backends.base import ClusterBackend, Inventory, PowerState
+from workflows.backends.base import ClusterBackend, Host, Inventory, PowerState
 from workflows.patchers.base import Patcher
 
 PREFLIGHT, DRAINING, PATCHING = "Preflight", "Draining", "Patching"
@@ -272,7 +272,7 @@ class NodePatch:
             raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
         return Advance("enabled")
 
-    def _wait_responding(self, ctx: StepContext, p: Params) -> Any:
+    def _wait_responding(self, ctx: StepContext, p: Params) -> Host:
         said = False
         while True:
             host = self.backend.inventory(p.cluster).host(p.node)
