@@ -267,8 +267,8 @@ class NodePatch:
                 raise errors.StepFailed(
                     f"could not take {p.node} out of maintenance: {outcome.message}"
                 )
-        host = self.backend.inventory(p.cluster).host(p.node)
-        if host is None or host.maintenance or not host.available_for_placement:
+        after = self.backend.inventory(p.cluster).host(p.node)
+        if after is None or after.maintenance or not after.available_for_placement:
             raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
         return Advance("enabled")
 
