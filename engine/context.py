@@ -75,10 +75,6 @@ class StepContext:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
 
-    @property
-    def params(self) -> Mapping[str, Any]:
-        return self.run.params
-
     def progress(self, message: str) -> None:
         self.progress_sink(message)
 

@@ -125,3 +125,16 @@ def test_plan_json_round_trip() -> None:
     """The published snapshot reads back into the same plan."""
     plan = p.make_plan(inv(vm("a"), vm("b", ha=False)), "hv1", p.Policies(p.NonHaPolicy.SAVE))
     assert p.Plan.from_json(plan.to_json()) == plan
+
+
+def test_readme_state_diagram_is_the_machine() -> None:
+    """The README's mermaid diagram is exactly what the workflow declares."""
+    from pathlib import Path
+
+    from engine.machine import StateMachine
+    from workflows.node_patch import NodePatch
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    diagram = readme.split("```mermaid\n", 1)[1].split("\n```", 1)[0]
+    workflow = NodePatch(None, None).workflow()  # type: ignore[arg-type]
+    assert diagram == StateMachine(workflow).mermaid()
