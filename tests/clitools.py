@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,24 @@ class Cli:
     sim: Path
     config: Path
 
-    def __call__(
-        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
-    ) -> Result:
+    def environ(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The process environment: this shell's, minus its NODEPATCH_*, plus ours."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("NODEPATCH_")}
-        environ |= {
+        return environ | {
             "NODEPATCH_DATABASE_URL": self.db_url,
             "NODEPATCH_SIM": str(self.sim),
             "NODEPATCH_CONFIG": str(self.config),
-            **(env or {}),
+            **(extra or {}),
         }
+
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "workflows", *args],
+            env=self.environ(env),
             capture_output=True,
             text=True,
-            env=environ,
             timeout=timeout,
             check=False,
         )

@@ -6,7 +6,6 @@ and the real database (runs, audit events, published data). Nothing is mocked.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -171,19 +170,12 @@ class Spawned:
 
 
 def spawn(cli: Cli, *args: str, env: Mapping[str, str] | None = None) -> Spawned:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("NODEPATCH_")}
-    environ |= {
-        "NODEPATCH_DATABASE_URL": cli.db_url,
-        "NODEPATCH_SIM": str(cli.sim),
-        "NODEPATCH_CONFIG": str(cli.config),
-        **(env or {}),
-    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "workflows", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=environ,
+        env=cli.environ(env),
     )
     return Spawned(proc)
 

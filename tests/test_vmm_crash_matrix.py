@@ -25,6 +25,7 @@ from tests.clitools import Cli, Result
 from tests.standin import build
 from tests.standin.fixtures import Rig
 from tests.test_crash_matrix import addresses
+from tests.test_vmm_e2e import vmm_backend
 from workflows.backends.simulated import SimulatedCluster
 
 PASSWORD = "crash-matrix-pass"  # the stand-in's credential for these tests
@@ -57,18 +58,7 @@ def vmm_case(root: Path, db_url: str) -> Iterator[tuple[VmmCli, Rig]]:
     rig = Rig(sim, sim.path, standin, world)
     try:
         config = {
-            "backend": {
-                "kind": "vmm",
-                "vmm": {
-                    "server": "127.0.0.1",
-                    "port": rig.port("vmm01"),
-                    "ssl": False,
-                    "auth": "basic",
-                    "encryption": "never",
-                    "username": standin.username,
-                    "password_env": "NODEPATCH_VMM_PASSWORD",
-                },
-            },
+            "backend": vmm_backend(rig),
             "patcher": {"kind": "external"},
             "engine": {"poll_interval_s": 0.01, "lease_ttl_s": d.LEASE_TTL_S},
             "retries": {"attempts": 5, "backoff_s": 0.05, "backoff_max_s": 0.2},

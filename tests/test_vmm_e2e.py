@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -33,20 +34,25 @@ def vmm_rig(tmp_path: Path) -> Iterator[Rig]:
         standin.stop()
 
 
+def vmm_backend(rig: Rig) -> dict[str, Any]:
+    """The `backend` configuration for the stand-in's VMM server (test-only plain HTTP)."""
+    return {
+        "kind": "vmm",
+        "vmm": {
+            "server": "127.0.0.1",
+            "port": rig.port("vmm01"),
+            "ssl": False,
+            "auth": "basic",
+            "encryption": "never",
+            "username": rig.standin.username,
+            "password_env": "NODEPATCH_VMM_PASSWORD",
+        },
+    }
+
+
 def vmm_cli(tmp_path: Path, db_url: str, rig: Rig) -> Cli:
     config = {
-        "backend": {
-            "kind": "vmm",
-            "vmm": {
-                "server": "127.0.0.1",
-                "port": rig.port("vmm01"),
-                "ssl": False,
-                "auth": "basic",
-                "encryption": "never",
-                "username": rig.standin.username,
-                "password_env": "NODEPATCH_VMM_PASSWORD",
-            },
-        },
+        "backend": vmm_backend(rig),
         "patcher": {
             "kind": "reboot",
             "reboot": {

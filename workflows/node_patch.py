@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine import errors
-from engine.context import JobSpec, StepContext
+from engine.context import JobOutcome, JobSpec, StepContext
 from engine.model import Run
 from engine.workflow import Advance, StepResult, Transition, Wait, Workflow
 from workflows import plan as planning
@@ -185,13 +185,7 @@ class NodePatch:
         host = inventory.host(p.node)
         if host is not None and host.maintenance and not ctx.in_flight("enter_maintenance"):
             return
-        outcome = ctx.run_job(
-            "enter_maintenance",
-            submit=lambda: self.backend.enter_maintenance(p.node),
-            poll=self.backend.job,
-            find=lambda: self.backend.find_job("enter_maintenance", p.node),
-            label=f"draining {p.node}",
-        )
+        outcome = self._host_job(ctx, "enter_maintenance", p.node, "draining")
         if outcome.ok:
             return
         # The drain failed (typically one VM would not migrate). Move the running HA VMs
@@ -212,13 +206,7 @@ class NodePatch:
             )
             specs.append(self._move_spec(vm.id, _target(inventory, p.node, planned), vm.name))
         self._all_ok(ctx, specs, 1, f"after the failed drain ({outcome.message})")
-        second = ctx.run_job(
-            "enter_maintenance_again",
-            submit=lambda: self.backend.enter_maintenance(p.node),
-            poll=self.backend.job,
-            find=lambda: self.backend.find_job("enter_maintenance", p.node),
-            label=f"draining {p.node}",
-        )
+        second = self._host_job(ctx, "enter_maintenance", p.node, "draining", again=True)
         if not second.ok:
             raise errors.StepFailed(f"could not put {p.node} in maintenance: {second.message}")
 
@@ -256,13 +244,7 @@ class NodePatch:
         p = Params.from_run(ctx.run)
         host = self._wait_responding(ctx, p)
         if host.maintenance or ctx.in_flight("exit_maintenance"):
-            outcome = ctx.run_job(
-                "exit_maintenance",
-                submit=lambda: self.backend.exit_maintenance(p.node),
-                poll=self.backend.job,
-                find=lambda: self.backend.find_job("exit_maintenance", p.node),
-                label=f"enabling {p.node}",
-            )
+            outcome = self._host_job(ctx, "exit_maintenance", p.node, "enabling")
             if not outcome.ok:
                 raise errors.StepFailed(
                     f"could not take {p.node} out of maintenance: {outcome.message}"
@@ -359,6 +341,22 @@ class NodePatch:
         return self._run(ctx, specs, p.concurrency, report, "start")
 
     # ---- helpers -----------------------------------------------------------------------
+
+    def _host_job(
+        self, ctx: StepContext, kind: str, node: str, label: str, *, again: bool = False
+    ) -> JobOutcome:
+        """Enter or exit maintenance as a journaled job (`again`: a second, separate try)."""
+        call = {
+            "enter_maintenance": self.backend.enter_maintenance,
+            "exit_maintenance": self.backend.exit_maintenance,
+        }[kind]
+        return ctx.run_job(
+            f"{kind}_again" if again else kind,
+            submit=lambda: call(node),
+            poll=self.backend.job,
+            find=lambda: self.backend.find_job(kind, node),
+            label=f"{label} {node}",
+        )
 
     def _spec(self, kind: str, vm_id: str, call: Callable[[str], str], name: str) -> JobSpec:
         return JobSpec(
