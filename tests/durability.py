@@ -19,6 +19,7 @@ from engine import db
 from engine.model import Event, Run
 from engine.store import Store
 from tests.clitools import Cli, Result
+from workflows.backends import simfaults
 from workflows.backends.simulated import SimulatedCluster
 
 H = 8192
@@ -27,17 +28,19 @@ EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, EXIT_BUSY = 0, 1, 3, 4
 CRASH_EXIT = 137
 
 # Every call that changes the cluster, as the simulator counts them.
-MUTATING_OPS = (
-    "enter_maintenance",
-    "exit_maintenance",
-    "move_vm",
-    "start_vm",
-    "save_vm",
-    "shutdown_vm",
-    "reboot_host",
-)
+MUTATING_OPS = tuple(sorted(simfaults.JOB_OPS))
 # What the cluster itself did as a consequence (drain migrations, someone else's actions).
 EFFECT_OPS = ("live_migrate", "admin_move", "admin_delete", "admin_set_state")
+# A whole patch of hv1 with two HA VMs h1 and h2: every operation exactly once.
+ONCE = {
+    "enter_maintenance:hv1": 1,
+    "live_migrate:h1": 1,
+    "live_migrate:h2": 1,
+    "reboot_host:hv1": 1,
+    "exit_maintenance:hv1": 1,
+    "move_vm:h1": 1,
+    "move_vm:h2": 1,
+}
 
 
 def config(

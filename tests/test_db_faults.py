@@ -85,15 +85,7 @@ def test_runner_whose_connections_are_killed_mid_run_reconnects_and_finishes(
         events = s.events(run_id)
     assert d.transitions(events) == STEPS
     assert d.placement(sim) == before
-    assert d.operations(sim.counts()) == {
-        "enter_maintenance:hv1": 1,
-        "live_migrate:h1": 1,
-        "live_migrate:h2": 1,
-        "reboot_host:hv1": 1,
-        "exit_maintenance:hv1": 1,
-        "move_vm:h1": 1,
-        "move_vm:h2": 1,
-    }
+    assert d.operations(sim.counts()) == d.ONCE
 
 
 def test_many_processes_writing_at_once_all_finish_without_lock_errors(

@@ -24,15 +24,6 @@ SCENARIO = d.scenario(
     d.vm("g2", "hv2", state="PowerOff"),
     d.vm("o1", "hv3"),
 )
-ONCE = {
-    "enter_maintenance:hv1": 1,
-    "live_migrate:h1": 1,
-    "live_migrate:h2": 1,
-    "reboot_host:hv1": 1,
-    "exit_maintenance:hv1": 1,
-    "move_vm:h1": 1,
-    "move_vm:h2": 1,
-}
 STEPS = [
     ("Draining", "Patching"),
     ("Patching", "Enabling"),
@@ -82,7 +73,7 @@ def test_eight_resumes_at_once_one_drives_and_the_others_exit_busy_naming_it(
     assert d.transitions(events)[1:] == STEPS
     driving = [e for e in events if e.kind in ("lease", "transition") and e.run_version > 2]
     assert {e.actor.rsplit(":", 1)[1] for e in driving} == {str(winner)}
-    assert d.operations(sim.counts()) == ONCE
+    assert d.operations(sim.counts()) == d.ONCE
     assert d.placement(sim) == before
 
 
@@ -116,7 +107,7 @@ def test_holder_killed_with_sigkill_is_taken_over_after_its_lease_expires(
         str(holder.proc.pid)
     ]
     assert d.transitions(events)[1:] == STEPS
-    assert d.operations(sim.counts()) == ONCE
+    assert d.operations(sim.counts()) == d.ONCE
     assert d.placement(sim) == before
 
 
