@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine import crashpoints, errors
-from engine.model import Lease, Run
+from engine.model import JournalEntry, Lease, Run
 from engine.store import Store
 
 
@@ -99,6 +99,11 @@ class StepContext:
         intent, submitted, succeeded or failed."""
         entry = self.store.journal(self.run.id, self.key(name))
         return entry.status if entry else None
+
+    def jobs_in(self, state: str) -> list[JournalEntry]:
+        """Every job this run journaled in `state`, over all its entries into it: what the run
+        itself did there, for compensation and reports."""
+        return [e for e in self.store.journal_entries(self.run.id) if e.state == state]
 
     def in_flight(self, name: str) -> bool:
         """Whether job `name` was submitted (its reference journaled) and not concluded: the

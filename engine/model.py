@@ -103,6 +103,18 @@ class JournalEntry:
     def from_row(cls, row: Mapping[Any, Any]) -> JournalEntry:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
+    @property
+    def job(self) -> str:
+        """The job's name within its step (`move_vm:<id>`), without the state@version scope."""
+        return self.step_key.split(":", 1)[1]
+
+    @property
+    def may_have_acted(self) -> bool:
+        """Whether the external system may have done this job: anything but a request that was
+        refused when it was submitted. An intent counts (the process may have died after
+        submitting, before journaling the reference)."""
+        return not (self.status == "failed" and not self.external_ref)
+
 
 @dataclass(frozen=True)
 class Lease:

@@ -7,6 +7,7 @@ cluster was asked to do each thing (the simulator's counts).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ def cli(tmp_path: Path, db_url: str) -> Cli:
     return d.make_cli(tmp_path, db_url, d.config(patching_timeout_s=1.5))
 
 
-def start(cli: Cli, *args: str) -> Result:
-    return cli("start", "--cluster", "c1", "--node", "hv1", *args, "--json")
+def start(cli: Cli, *args: str, env: dict[str, str] | None = None) -> Result:
+    return cli("start", "--cluster", "c1", "--node", "hv1", *args, "--json", env=env)
 
 
 def report(result: Result) -> dict[str, dict[str, Any]]:
@@ -143,7 +144,9 @@ def test_vm_moved_by_someone_else_is_skipped_and_left_where_they_put_it(cli: Cli
     sim.inject({"type": "move_vm", "vm": "h1", "to": elsewhere, "on": "reboot_host"})
     result = cli("resume", stopped.json()["run_id"], "--json")
     assert result.code == 0, result.err
-    assert report(result)["h1"]["outcome"] == f"skipped: moved by someone else to {elsewhere}"
+    assert report(result)["h1"]["outcome"] == (
+        f"skipped: moved by someone else to {elsewhere} (the run left it on {drained_to})"
+    )
     assert d.placement(sim)["h1"] == (elsewhere, "Running")
     assert d.placement(sim)["h2"] == ("hv1", "Running")
     assert "move_vm:h1" not in d.operations(sim.counts())
@@ -222,3 +225,56 @@ def test_authentication_failure_is_reported_once_without_retries(cli: Cli) -> No
     assert run.state == "Failed" and "access denied" in run.error["reason"]
     assert len(fails) == 1
     assert d.operations(sim.counts()) == before_ops
+
+
+# ---- abort after a failed drain: the run's own moves are its own -------------------------------
+
+THREE = d.scenario(d.vm("h1", "hv1"), d.vm("h2", "hv1"), d.vm("h3", "hv1"))
+
+
+def _all_home_and_nobody_blamed(cli: Cli, sim: SimulatedCluster, run_id: str, before: Any) -> None:
+    aborted = cli("abort", run_id, "--json")
+    assert aborted.code == 0, aborted.err
+    doc = aborted.json()
+    assert doc["state"] == "Aborted"
+    assert d.placement(sim) == before
+    assert not any(d.maintenance(sim).values())
+    entries = report(aborted)
+    assert all("someone else" not in e["outcome"] for e in entries.values()), entries
+    assert entries["h1"]["outcome"] == "in place"
+    assert entries["h2"]["outcome"] == entries["h3"]["outcome"] == "moved back"
+    assert not any(op.startswith("admin_") for op in d.operations(sim.counts()))
+
+
+def test_abort_after_a_failed_drain_brings_back_the_vms_the_run_moved(cli: Cli) -> None:
+    """The drain moves h2 and h3, then fails on h1. `abort` puts h2 and h3 back on the node and
+    blames nobody: the moves were the run's own (issue 7)."""
+    sim = SimulatedCluster.create(cli.sim, THREE)
+    sim.inject({"type": "migration_fails", "vm": "h1", "times": 20})
+    before = d.placement(sim)
+    failed = start(cli)
+    assert failed.code == 1
+    doc = failed.json()
+    assert (doc["state"], doc["error"]["state"]) == ("Failed", "Draining")
+    moved = {v for v, (host, _) in d.placement(sim).items() if host != "hv1"}
+    assert moved == {"h2", "h3"}
+    assert set(doc["published"]["drained"]) == {"h1", "h2", "h3"}
+    sim.clear_faults()
+    _all_home_and_nobody_blamed(cli, sim, doc["run_id"], before)
+
+
+def test_abort_after_a_crash_mid_drain_brings_back_the_vms_the_run_moved(cli: Cli) -> None:
+    """The process dies in the middle of the one-by-one moves that follow a failed drain job,
+    before anything about the drain was published: `abort` still knows, from the journal, which
+    moves were the run's own."""
+    sim = SimulatedCluster.create(cli.sim, THREE)
+    sim.inject({"type": "migration_fails", "vm": "h1", "times": 20})
+    before = d.placement(sim)
+    crashed = start(cli, env={"NODEPATCH_CRASH_AT": "before_submit:move_vm:h1"})
+    assert crashed.code == d.CRASH_EXIT, crashed.err
+    run = d.only_run(cli.db_url)
+    with d.store(cli.db_url) as s:
+        assert "drained" not in s.published(run.id)
+    sim.clear_faults()
+    time.sleep(d.LEASE_TTL_S)  # the dead holder's lease runs out
+    _all_home_and_nobody_blamed(cli, sim, run.id, before)

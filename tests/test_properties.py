@@ -37,7 +37,7 @@ SETTINGS = RunnerSettings(
     retry_backoff_max_s=0.002,
     timeouts_s={"Patching": 5.0},
 )
-NODE_VMS = ("h1", "n1", "s1")
+NODE_VMS = ("h1", "h2", "n1", "s1")
 FINAL = ("Done", "Aborted")
 
 
@@ -105,6 +105,7 @@ class World:
             root / f"{self.cluster}.json",
             d.scenario(
                 d.vm("h1", "hv1"),
+                d.vm("h2", "hv1"),
                 d.vm("n1", "hv1", ha=False),
                 d.vm("s1", "hv1", state="PowerOff"),
                 d.vm("o1", "hv2"),
@@ -171,6 +172,7 @@ def finished_run_left_everything_as_found(w: World) -> None:
     for vm_id, planned in snapshot.items():
         if vm_id not in now:
             assert outcomes.get(vm_id) == "deleted during the run", (vm_id, outcomes)
+            reason_is_true(w, vm_id, outcomes[vm_id])
             continue
         host, power = now[vm_id]
         if power in ("Saved", "PowerOff"):
@@ -178,6 +180,20 @@ def finished_run_left_everything_as_found(w: World) -> None:
         if (host, power) != (planned["host"], planned["state"]):
             outcome = outcomes.get(vm_id, "")
             assert outcome.startswith("skipped: "), (vm_id, now[vm_id], planned, outcomes)
+        reason_is_true(w, vm_id, outcomes.get(vm_id, ""))
+
+
+def reason_is_true(w: World, vm_id: str, outcome: str) -> None:
+    """A VM reported as moved by someone else was moved by someone else (the simulator counts
+    every administrator's move), to the host named; a VM reported deleted was deleted."""
+    admin = d.operations(w.sim.counts())
+    if "someone else" in outcome:
+        assert admin.get(f"admin_move:{vm_id}", 0) >= 1, (vm_id, outcome, admin)
+        assert outcome.startswith(
+            f"skipped: moved by someone else to {d.placement(w.sim)[vm_id][0]}"
+        )
+    if outcome == "deleted during the run":
+        assert admin.get(f"admin_delete:{vm_id}", 0) == 1, (vm_id, outcome, admin)
 
 
 # ---- the property -----------------------------------------------------------------------------
@@ -188,7 +204,11 @@ FAULTS = st.one_of(
         st.sampled_from(["any", "job", "move_vm", "inventory", "enter_maintenance"]),
         st.integers(1, 2),
     ),
-    st.builds(lambda vm: {"type": "migration_fails", "vm": vm}, st.sampled_from(NODE_VMS)),
+    st.builds(
+        lambda vm, n: {"type": "migration_fails", "vm": vm, "times": n},
+        st.sampled_from(NODE_VMS),
+        st.integers(1, 6),
+    ),
     st.builds(
         lambda op: {"type": "job_fails", "op": op, "target": "hv1"},
         st.sampled_from(["enter_maintenance", "exit_maintenance", "reboot_host"]),
@@ -282,7 +302,7 @@ def test_random_crashes_resumes_aborts_and_faults_keep_the_invariants(
 
 def run_example(store: Store, root: Path) -> None:
     @settings(
-        max_examples=25,
+        max_examples=60,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow],

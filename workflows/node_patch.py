@@ -144,6 +144,20 @@ class NodePatch:
     def drain(self, ctx: StepContext) -> StepResult:
         p = Params.from_run(ctx.run)
         snapshot = planning.Plan.from_json(ctx.published["snapshot"])
+        try:
+            inventory = self._drain(ctx, p, snapshot)
+        except errors.AuthenticationFailed:
+            raise  # one refusal is enough; the journal still tells what the run did
+        except errors.StepFailed as exc:
+            # Publish where the run's own moves left the VMs, with the failure, so compensation
+            # and the report know them (after a crash, `_moved_by_run` reads the journal).
+            inventory = self.backend.inventory(p.cluster)
+            placement = _placement(inventory, snapshot, p.node, _moved_by_run(ctx, snapshot))
+            return Advance("fail", publish={"drained": placement}, details={"reason": str(exc)})
+        placement = _placement(inventory, snapshot, p.node, _moved_by_run(ctx, snapshot))
+        return Advance("patch", publish={"drained": placement})
+
+    def _drain(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> Inventory:
         self._pre_drain_actions(ctx, p, snapshot)
         self._enter_maintenance(ctx, p)
         inventory = self.backend.inventory(p.cluster)
@@ -154,7 +168,7 @@ class NodePatch:
         if left:
             names = ", ".join(f"{vm.name!r} ({vm.id})" for vm in left)
             raise errors.StepFailed(f"VMs still running on {p.node} after the drain: {names}")
-        return Advance("patch", publish={"drained": _placement(inventory, snapshot)})
+        return inventory
 
     def _pre_drain_actions(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> None:
         inventory = self.backend.inventory(p.cluster)
@@ -273,13 +287,14 @@ class NodePatch:
         p = Params.from_run(ctx.run)
         snapshot = planning.Plan.from_json(ctx.published["snapshot"])
         drained: Mapping[str, Any] = ctx.published.get("drained", {})
+        ours = _moved_by_run(ctx, snapshot)
         inventory = self.backend.inventory(p.cluster)
         report: dict[str, dict[str, Any]] = {}
         specs: list[JobSpec] = []
         free = inventory.free_memory_mb(p.node)
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
-            entry = report[planned.id] = _report_entry(planned, vm, drained)
+            entry = report[planned.id] = _report_entry(planned, vm, drained, ours)
             job = f"move_vm:{planned.id}"
             if vm is not None and ctx.in_flight(job):
                 specs.append(self._reattach_spec("move_vm", vm.id, planned.name))
@@ -287,9 +302,14 @@ class NodePatch:
                 continue
             if vm is None or vm.host.lower() == p.node.lower():
                 continue
-            expected = drained.get(planned.id, {}).get("host")
-            if expected is None or vm.host.lower() != str(expected).lower():
+            left_on = drained.get(planned.id, {}).get("host")
+            if left_on is None and planned.id not in ours:
                 entry["outcome"] = f"skipped: moved by someone else to {vm.host}"
+                continue
+            if left_on is not None and vm.host.lower() != str(left_on).lower():
+                entry["outcome"] = (
+                    f"skipped: moved by someone else to {vm.host} (the run left it on {left_on})"
+                )
                 continue
             needs = vm.memory_mb if vm.uses_memory else 0
             if needs > free:
@@ -439,19 +459,39 @@ def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str
     return targets[vm.id]
 
 
-def _placement(inventory: Inventory, snapshot: planning.Plan) -> dict[str, Any]:
+def _moved_by_run(ctx: StepContext, snapshot: planning.Plan) -> set[str]:
+    """The snapshot's VMs that a side effect of this run's drain may have moved, from its
+    journal: a move of the VM itself, or a maintenance job of the node for a VM that the drain
+    live-migrates. A request refused on submission moved nothing."""
+    jobs = {e.job for e in ctx.jobs_in(DRAINING) if e.may_have_acted}
+    drained_node = bool(jobs & {"enter_maintenance", "enter_maintenance_again"})
+    return {
+        vm.id
+        for vm in snapshot.vms
+        if f"move_vm:{vm.id}" in jobs
+        or (drained_node and vm.action == planning.Action.LIVE_MIGRATE)
+    }
+
+
+def _placement(
+    inventory: Inventory, snapshot: planning.Plan, node: str, ours: set[str]
+) -> dict[str, Any]:
+    """Where the drain left the snapshot's VMs: those still on the node and those the run
+    moved. A VM someone else moved is not the run's to bring back, so it is not recorded."""
     out = {}
     for planned in snapshot.vms:
         vm = inventory.vm(planned.id)
-        if vm is not None:
+        if vm is not None and (vm.id in ours or vm.host.lower() == node.lower()):
             out[planned.id] = {"host": vm.host, "state": str(vm.state)}
     return out
 
 
 def _report_entry(
-    planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any]
+    planned: planning.PlannedVm, vm: Any, drained: Mapping[str, Any], ours: set[str]
 ) -> dict[str, Any]:
-    during = drained.get(planned.id, {}).get("host", planned.host)
+    during = drained.get(planned.id, {}).get("host")
+    if during is None:  # a crash before the drain published: the run's own move went here
+        during = vm.host if vm is not None and planned.id in ours else planned.host
     if vm is None:
         outcome = "deleted during the run"
     elif vm.host.lower() != planned.host.lower():
