@@ -63,6 +63,14 @@ class LeaseLost(Busy):
     """This process lost its lease on the run; it stops without writing."""
 
 
+def lease_lost(run_id: str, holder: str | None) -> LeaseLost:
+    by = f"by {holder}" if holder else "by another process, which has released it since"
+    return LeaseLost(
+        f"lost the lease on run {run_id}: it was taken over {by}; this process stopped "
+        "without writing"
+    )
+
+
 class LockHeld(EngineError):
     """A resource lock is held by another run."""
 

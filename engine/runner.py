@@ -75,7 +75,9 @@ class Heartbeat:
 
     def check(self) -> None:
         if self.lost:
-            raise errors.LeaseLost(f"lost the lease on run {self.lease.run_id}")
+            raise errors.lease_lost(
+                self.lease.run_id, self.store.get(self.lease.run_id).lease_owner
+            )
 
 
 class Runner:

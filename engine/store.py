@@ -59,6 +59,11 @@ def _transient(exc: sa.exc.DBAPIError) -> bool:
     return "locked" in message or "busy" in message
 
 
+def _lease_lost(run: Run) -> errors.LeaseLost:
+    """The error of a holder whose lease was taken over, naming who holds the run now."""
+    return errors.lease_lost(run.id, run.lease_owner)
+
+
 class Store:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -489,15 +494,13 @@ class Store:
             .values(updated_at=utcnow())
         ).rowcount
         if updated != 1:
-            raise errors.LeaseLost(f"lost the lease on run {lease.run_id}")
+            raise _lease_lost(self._get(conn, lease.run_id))
         return self._get(conn, lease.run_id)
 
     def _raise_stale(self, conn: sa.Connection, lease: Lease, state: str, version: int) -> None:
         run = self._get(conn, lease.run_id)
         if run.lease_token != lease.token:
-            raise errors.LeaseLost(
-                f"lost the lease on run {lease.run_id}: now held by {run.lease_owner}"
-            )
+            raise _lease_lost(run)
         raise errors.StaleRun(
             f"run {lease.run_id} is at {run.state} v{run.version}, not {state} v{version}: "
             "another writer advanced it; nothing was overwritten"

@@ -6,13 +6,16 @@ holder is certainly still inside its step; the test then speeds the cluster up t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from engine import db
 from tests import durability as d
 from workflows.backends.simulated import SimulatedCluster
 
@@ -142,3 +145,90 @@ def test_second_node_of_a_cluster_started_at_the_same_time_is_refused_untouched(
     assert touched == set()
     assert d.placement(sim) == before
     assert not any(d.maintenance(sim).values())
+
+
+def _outside_a_write(db_url: str) -> bool:
+    """Whether the database takes a write right now: a process frozen inside a transaction
+    would hold its locks for as long as it is frozen."""
+    engine = sa.create_engine(
+        db.normalise_url(db_url),
+        connect_args={"timeout": 0.2} if db_url.startswith("sqlite") else {},
+    )
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("SET lock_timeout = '200ms'")
+                conn.exec_driver_sql("LOCK TABLE run, step_journal, run_event IN EXCLUSIVE MODE")
+            conn.rollback()
+        return True
+    except sa.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def _cluster_free(sim: Path) -> bool:
+    """Whether the simulated cluster's file lock is free."""
+    fd = os.open(sim.with_name(sim.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _freeze(proc: d.Spawned, cli: d.Cli) -> None:
+    """SIGSTOP the process at a moment it holds no lock: none in the database, none on the
+    simulated cluster."""
+    for _ in range(100):
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        if _outside_a_write(cli.db_url) and _cluster_free(cli.sim):
+            return
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("the holder never left its transaction")
+
+
+def test_a_frozen_holder_taken_over_writes_nothing_when_it_wakes(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A holder frozen with SIGSTOP mid-drain, past its lease: another process takes the run
+    over and finishes it. Woken with SIGCONT, the old holder writes nothing, makes no cluster
+    operation, and exits 4 with one clear line."""
+    cli = d.make_cli(tmp_path, db_url, d.config(lease_ttl_s=2))
+    sim = SimulatedCluster.create(cli.sim, SCENARIO)
+    before = d.placement(sim)
+    run_id = _started(cli, sim)
+    holder = d.spawn(cli, "resume", run_id)
+    d.wait_for(lambda: _journaled(db_url, run_id, "enter_maintenance"), timeout=60)
+    _freeze(holder, cli)
+    try:
+        time.sleep(2.5)  # past the frozen holder's lease
+        sim.set_speed(FAST)
+        taker = d.resume_until_settled(cli, run_id)
+        assert taker.code == 0, taker.err
+        with d.store(db_url) as s:
+            rows = (s.get(run_id), s.events(run_id), s.journal_entries(run_id), s.published(run_id))
+        ops = sim.counts()
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    woken = holder.wait()
+    assert woken.code == d.EXIT_BUSY, woken.err
+    (line,) = woken.err.strip().splitlines()
+    assert f"lost the lease on run {run_id}: it was taken over" in line, line
+    assert "stopped without writing" in line, line
+    with d.store(db_url) as s:
+        assert (
+            s.get(run_id),
+            s.events(run_id),
+            s.journal_entries(run_id),
+            s.published(run_id),
+        ) == rows
+    assert d.operations(sim.counts()) == d.operations(ops) == d.ONCE
+    assert d.placement(sim) == before
