@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.model import Event
     from engine.store import Store
 
 GENESIS = "0" * 64
@@ -45,29 +46,61 @@ def hashed_fields(event: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem in a run's trail: `kind` is edited, deleted or re-ordered; `event_id` is
+    where it shows (for deleted events at the end, the last event that remains)."""
+
     run_id: str
     event_id: int | None
+    kind: str
     problem: str
 
 
 def verify(store: Store, run_id: str) -> list[Finding]:
     run = store.get(run_id)
-    findings: list[Finding] = []
-    expected_prev = GENESIS
-    last = GENESIS
-    for event in store.events(run_id):
-        fields = hashed_fields(event.__dict__)
-        if event.prev_hash != expected_prev:
-            findings.append(
-                Finding(
-                    run_id, event.id, "chain broken: an earlier event was deleted or re-ordered"
-                )
-            )
-        if event_hash(event.prev_hash, fields) != event.hash:
-            findings.append(Finding(run_id, event.id, "content does not match its hash: edited"))
-        expected_prev = last = event.hash
+    events = store.events(run_id)
+    findings = [
+        Finding(run_id, e.id, "edited", "its content does not match its hash: edited")
+        for e in events
+        if event_hash(e.prev_hash, hashed_fields(e.__dict__)) != e.hash
+    ]
+    chain, gaps = _chain_order(events)
+    findings += [
+        Finding(run_id, e.id, "deleted", "the event before it is missing: deleted") for e in gaps
+    ]
+    findings += [
+        Finding(run_id, by_id.id, "re-ordered", "it is out of its place in the chain: re-ordered")
+        for by_id, by_chain in zip(events, chain, strict=True)
+        if by_id.id != by_chain.id
+    ]
+    last = events[-1].hash if events else GENESIS
     if (run.audit_head or GENESIS) != last:
         findings.append(
-            Finding(run_id, None, "the newest events are missing: deleted after the fact")
+            Finding(
+                run_id,
+                events[-1].id if events else None,
+                "deleted",
+                "the events after it are missing (the run records a newer head): deleted",
+            )
         )
-    return findings
+    return sorted(findings, key=lambda f: (f.event_id is None, f.event_id or 0, f.kind))
+
+
+def _chain_order(events: list[Event]) -> tuple[list[Event], list[Event]]:
+    """The events in the order their hashes link them, from the genesis; and the events whose
+    predecessor is missing (the chain resumes at each of them, in ID order)."""
+    known = {e.hash for e in events} | {GENESIS}
+    after = {e.prev_hash: e for e in events}
+    chain: list[Event] = []
+    gaps: list[Event] = []
+    placed: set[int] = set()
+    head = GENESIS
+    while len(chain) < len(events):
+        nxt = after.get(head)
+        if nxt is None or nxt.id in placed:
+            nxt = next(e for e in events if e.id not in placed)
+            if nxt.prev_hash not in known:
+                gaps.append(nxt)
+        chain.append(nxt)
+        placed.add(nxt.id)
+        head = nxt.hash
+    return chain, gaps

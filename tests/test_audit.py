@@ -68,7 +68,20 @@ def test_verify_detects_tampering_in_sql(finished: tuple[Cli, str], attack: str)
     engine.dispose()
     result = cli("audit", "verify", run_id, "--json")
     assert result.code == 1
-    assert result.json()["findings"]
+    found = [(f["event_id"], f["kind"]) for f in result.json()["findings"]]
+    assert (
+        found
+        == {
+            "update": [(a, "edited")],
+            "delete": [(b, "deleted")],
+            "delete_last": [(ids[-2], "deleted")],
+            "swap": [(a, "re-ordered"), (b, "re-ordered")],
+        }[attack]
+    )
+    text = cli("audit", "verify", run_id)
+    assert text.code == 1
+    where = ids[-2] if attack == "delete_last" else (b if attack == "delete" else a)
+    assert f"run {run_id}, event {where}: " in text.out, text.out
 
 
 def test_every_run_is_verified_without_a_run_argument(finished: tuple[Cli, str]) -> None:
