@@ -31,10 +31,16 @@ def db_group() -> None:
 @pass_app
 def db_upgrade(app: App) -> None:
     """Create or upgrade the schema to this version (alembic migrations)."""
-    engine = db.connect(app.database_url)
-    db.upgrade(engine)
-    click.echo(f"database at revision {db.current_revision(engine)}")
-    engine.dispose()
+    engine = db.connect(app.database_url, create=True)
+    try:
+        before = db.upgrade(engine)
+        after = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        click.echo(f"database already at revision {after}; nothing to do")
+    else:
+        click.echo(f"database upgraded from {before or '(empty)'} to {after}")
 
 
 # ---- inspection --------------------------------------------------------------------------

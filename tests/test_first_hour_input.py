@@ -1,0 +1,208 @@
+"""The operator's first hour: the example config, paths, typos and files as they really come.
+
+Every test drives the real CLI in a separate process, in an environment whose home and state
+folders are inside tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic import command
+
+from engine import db
+from tests.clitools import Result, make_cli
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "hunter2-first-hour"  # must never be echoed
+
+
+def environ(tmp_path: Path) -> dict[str, str]:
+    """This shell's environment minus NODEPATCH_*, with HOME and XDG_STATE_HOME in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODEPATCH_")}
+    return env | {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def nodepatch(
+    tmp_path: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Result:
+    """`nodepatch ARGS` in a new process (cwd tmp_path unless given)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "workflows", *args],
+        cwd=cwd or tmp_path,
+        env=environ(tmp_path) | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def suggested(tmp_path: Path, line: str) -> Result:
+    """Run a command line nodepatch printed, verbatim (`nodepatch` is this interpreter's)."""
+    words = shlex.split(line)
+    assert words[0] == "nodepatch", line
+    return nodepatch(tmp_path, *words[1:])
+
+
+def assert_refused(result: Result, *needles: str) -> str:
+    """Exit 2 with one `nodepatch: error:` line holding every needle, no traceback."""
+    assert result.code == 2, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("nodepatch: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def between_backticks(line: str) -> str:
+    return line.split("`")[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- 1. the example configuration, folders and relative paths -------------------------------------
+
+
+def test_the_example_configuration_works_as_copied(tmp_path: Path) -> None:
+    """config.example.yaml copied as is: `runs` works, the log folder is created, and the
+    default database lands in $XDG_STATE_HOME."""
+    config = tmp_path / "etc" / "nodepatch.yaml"
+    config.parent.mkdir()
+    shutil.copy(REPO / "config.example.yaml", config)
+    result = nodepatch(tmp_path, "--config", str(config), "runs")
+    assert result.code == 0, result.err
+    assert (tmp_path / "home" / ".local" / "state" / "nodepatch").is_dir()
+    assert (tmp_path / "state" / "nodepatch" / "nodepatch.db").is_file()
+
+
+@pytest.mark.parametrize("key", ["log.file", "database"])
+def test_a_path_that_cannot_be_used_is_named_with_its_key(tmp_path: Path, key: str) -> None:
+    """A file where a folder should be: exit 2 naming the key and the path, nothing created."""
+    blocker = write(tmp_path / "blocker", "not a folder\n")
+    if key == "log.file":
+        config = write(tmp_path / "c.yaml", f"log: {{file: {blocker}/logs/np.log}}\n")
+        result = nodepatch(tmp_path, "--config", str(config), "runs")
+    else:
+        result = nodepatch(tmp_path, "runs", env={"XDG_STATE_HOME": str(blocker)})
+    assert_refused(result, key, str(blocker))
+    assert not (tmp_path / "state").exists()
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path: Path) -> None:
+    """The database, log and simulated cluster named relatively in a config file are found
+    next to it, whatever the working directory."""
+    etc = tmp_path / "etc"
+    config = write(
+        etc / "nodepatch.yaml",
+        "database: sqlite:///data/np.db\n"
+        "backend: {simulated: {file: cluster.json}}\n"
+        "log: {file: logs/np.log}\n",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    upgrade = nodepatch(tmp_path, "--config", str(config), "db", "upgrade", cwd=elsewhere)
+    assert upgrade.code == 0, upgrade.err
+    assert nodepatch(tmp_path, "sim", "init", "--file", str(etc / "cluster.json")).code == 0
+    plan = nodepatch(
+        tmp_path, "--config", "../etc/nodepatch.yaml", "plan", "--cluster", "cluster1",
+        "--node", "hv01", cwd=elsewhere,
+    )  # fmt: skip
+    assert plan.code == 0, plan.err
+    assert (etc / "data" / "np.db").is_file()
+    assert (etc / "logs" / "np.log").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+# -- 3. a database is created only on purpose ------------------------------------------------------
+
+
+def test_a_mistyped_sqlite_url_creates_nothing_and_names_the_fix(tmp_path: Path) -> None:
+    """A SQLite file that does not exist is not created by ordinary (even read-only)
+    commands: exit 2 with the `db upgrade` command for that very database, which works."""
+    url = f"sqlite:///{tmp_path / 'typo' / 'nodepatch.db'}"
+    fix = f"nodepatch --database {url} db upgrade"
+    for args in (("runs",), ("status", "x"), ("history", "x"), ("audit", "verify")):
+        result = nodepatch(tmp_path, "--database", url, *args)
+        assert between_backticks(assert_refused(result, "no database at")) == fix
+    assert not (tmp_path / "typo").exists()
+    created = suggested(tmp_path, fix)
+    assert created.code == 0, created.err
+    assert created.out.startswith("database upgraded from (empty) to ")
+    again = suggested(tmp_path, fix)
+    assert again.out.strip() == f"database already at revision {db.head_revision()}; nothing to do"
+    assert nodepatch(tmp_path, "--database", url, "runs").code == 0
+
+
+def test_the_no_schema_hint_names_the_database(tmp_path: Path, db_url: str) -> None:
+    """A database without the schema: the suggested `db upgrade` names it with --database, and
+    running it verbatim says what it changed, then that there is nothing left to do."""
+    engine = db.connect(db_url)
+    command.downgrade(db.alembic_config(engine), "base")
+    engine.dispose()
+    cli = make_cli(tmp_path, db_url)
+    line = assert_refused(cli("runs"), "no nodepatch schema")
+    fix = between_backticks(line)
+    assert shlex.split(fix) == ["nodepatch", "--database", db_url, "db", "upgrade"]
+    head = db.head_revision()
+    done = cli(*shlex.split(fix)[1:])
+    assert (done.code, done.out.strip()) == (0, f"database upgraded from (empty) to {head}")
+    again = cli(*shlex.split(fix)[1:])
+    assert again.out.strip() == f"database already at revision {head}; nothing to do"
+    assert cli("runs").code == 0
+
+
+# -- 4. the whole configuration is validated at start-up -------------------------------------------
+
+
+VMM_BLOCK = "{server: vmm01.example, username: svc, password_env: NODEPATCH_TEST_UNSET_VAR}"
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        (f"backend: {{vmm: {{server: vmm01, username: svc, password: {PASSWORD}}}}}\n",
+         "backend.vmm.password"),
+        (f"backend: {{kind: failover, failover: {{server: hv1, username: svc, password: "
+         f"{PASSWORD}}}}}\n", "backend.failover.password"),
+        ("backend: {kind: vmm, vmm: {server: vmm01, username: svc, password_env: X, prot: 1}}\n",
+         "backend.vmm.prot: unknown key"),
+        ("backend: {kind: vmm, vmm: {username: svc, password_env: X}}\n",
+         "backend.vmm.server: required"),
+        (f"patcher: {{kind: reboot, reboot: {{connection: {{password: {PASSWORD}}}}}}}\n",
+         "patcher.reboot.connection.password"),
+        ("patcher: {windows-update: {connection: {username: svc, password_env: X},\n"
+         "  reboot_timeout_s: -1}}\n",
+         "patcher.windows-update.reboot_timeout_s"),
+    ],
+)  # fmt: skip
+def test_backend_and_patcher_blocks_are_checked_by_every_command(
+    tmp_path: Path, config: str, key: str
+) -> None:
+    """A plain-text password or a bad key in a connection block fails even `runs`, naming the
+    key (and never echoing the password)."""
+    path = write(tmp_path / "c.yaml", config)
+    result = nodepatch(tmp_path, "--config", str(path), "runs")
+    assert_refused(result, key)
+    assert PASSWORD not in result.err
+    assert not (tmp_path / "state").exists()
+
+
+def test_an_unset_password_variable_fails_only_commands_that_connect(tmp_path: Path) -> None:
+    """The secret is read when the backend is used: `runs` works without it, `plan` names it."""
+    path = write(tmp_path / "c.yaml", f"backend: {{kind: vmm, vmm: {VMM_BLOCK}}}\n")
+    assert nodepatch(tmp_path, "--config", str(path), "runs").code == 0
+    plan = nodepatch(tmp_path, "--config", str(path), "plan", "--cluster", "c", "--node", "n")
+    assert_refused(plan, "backend.vmm.password_env", "NODEPATCH_TEST_UNSET_VAR")
