@@ -6,18 +6,23 @@ folders are inside tmp_path.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 
 from engine import db
 from tests.clitools import Result, make_cli
+from tests.test_cli_acceptance import MIXED
+from workflows.backends.simulated import SimulatedCluster
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "hunter2-first-hour"  # must never be echoed
@@ -206,3 +211,66 @@ def test_an_unset_password_variable_fails_only_commands_that_connect(tmp_path: P
     assert nodepatch(tmp_path, "--config", str(path), "runs").code == 0
     plan = nodepatch(tmp_path, "--config", str(path), "plan", "--cluster", "c", "--node", "n")
     assert_refused(plan, "backend.vmm.password_env", "NODEPATCH_TEST_UNSET_VAR")
+
+
+# -- 2. the simulated cluster file -----------------------------------------------------------------
+
+
+def _generated(path: Path, change: Callable[[dict[str, Any]], object]) -> str:
+    """The text of a generated cluster file after change(document)."""
+    SimulatedCluster.generate(path)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    change(document)
+    return json.dumps(document)
+
+
+CLUSTER_FILES: dict[str, tuple[Callable[[Path], str | None], str]] = {
+    "missing": (lambda p: None, "no simulated cluster at"),
+    "corrupt": (lambda p: '{"clusters": [', "is not valid JSON"),
+    "a list": (lambda p: "[]", "expected a JSON object, got list"),
+    "a scenario": (lambda p: json.dumps(MIXED), "missing key 'counts' (a scenario?"),
+    "a VM without memory": (
+        lambda p: _generated(p, lambda d: d["vms"][0].pop("memory_mb")),
+        "vms[0]: missing key 'memory_mb'",
+    ),
+    "a host without state": (
+        lambda p: _generated(p, lambda d: d["clusters"][0]["hosts"][1].pop("state")),
+        "clusters[0].hosts[1]: missing key 'state'",
+    ),
+    "a wrong type": (
+        lambda p: _generated(p, lambda d: d["clusters"][0].update(hosts={})),
+        "clusters[0].hosts: expected list",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLUSTER_FILES))
+def test_a_bad_simulated_cluster_file_is_named_with_what_is_wrong(
+    tmp_path: Path, case: str
+) -> None:
+    """Missing, corrupt or of the wrong shape: exit 2, one line naming the file and the fault."""
+    make, problem = CLUSTER_FILES[case]
+    path = tmp_path / "cluster.json"
+    text = make(path)
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    result = nodepatch(tmp_path, "--sim", str(path), "plan", "--cluster", "c1", "--node", "hv1")
+    assert_refused(result, str(path), problem)
+
+
+def test_doctor_reports_a_missing_simulated_cluster_file(tmp_path: Path) -> None:
+    """`doctor` on the simulated backend fails a check (exit 1) naming the missing file."""
+    path = tmp_path / "nowhere" / "cluster.json"
+    result = nodepatch(tmp_path, "--sim", str(path), "doctor")
+    assert result.code == 1, result
+    assert result.out.startswith(f"FAIL simulated: no simulated cluster at {path}")
+
+
+# -- 6. a mistyped cluster -------------------------------------------------------------------------
+
+
+def test_an_unknown_cluster_lists_the_known_ones(tmp_path: Path) -> None:
+    """A cluster typo is refused with the clusters there are, as a node typo lists the nodes."""
+    SimulatedCluster.create(tmp_path / "c.json", MIXED)
+    result = nodepatch(tmp_path, "--sim", "c.json", "plan", "--cluster", "c2", "--node", "hv1")
+    assert_refused(result, "unknown cluster 'c2' (clusters: c1)")

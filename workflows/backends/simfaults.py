@@ -51,7 +51,7 @@ _TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed"})
 
 
 def _fail(where: str, problem: str) -> errors.UsageError:
-    return errors.UsageError(f"{where}: {problem}")
+    return errors.UsageError(f"{where}: {problem}" if where else problem)
 
 
 def _get(
@@ -69,7 +69,7 @@ def _get(
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         names = kind if isinstance(kind, tuple) else (kind,)
         expected = " or ".join(k.__name__ for k in names)
-        raise _fail(f"{where}.{key}", f"expected {expected}, got {value!r}")
+        raise _fail(f"{where}.{key}" if where else key, f"expected {expected}, got {value!r}")
     return value
 
 
@@ -190,7 +190,7 @@ def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
     clusters = _get(top, "clusters", list, "scenario")
     if not clusters:
         raise _fail("scenario.clusters", "at least one cluster is needed")
-    out_clusters, host_names = _validate_clusters(clusters)
+    out_clusters, host_names = _validate_clusters(clusters, "scenario.")
     raw_vms = _get(top, "vms", list, "scenario", [])
     vms = [_validate_vm(v, f"scenario.vms[{i}]", host_names) for i, v in enumerate(raw_vms)]
     _check_unique([v["id"] for v in vms], "scenario.vms", "id")
@@ -219,17 +219,17 @@ def _check_unique(values: list[str], where: str, what: str) -> None:
         seen.add(value.lower())
 
 
-def _validate_clusters(clusters: list[Any]) -> tuple[list[JSON], dict[str, str]]:
+def _validate_clusters(clusters: list[Any], prefix: str) -> tuple[list[JSON], dict[str, str]]:
     out: list[JSON] = []
     for ci, raw in enumerate(clusters):
-        where = f"scenario.clusters[{ci}]"
+        where = f"{prefix}clusters[{ci}]"
         obj = _check_keys(raw, frozenset({"name", "hosts"}), where)
         raw_hosts = _get(obj, "hosts", list, where)
         hosts = [_validate_host(h, f"{where}.hosts[{hi}]") for hi, h in enumerate(raw_hosts)]
         out.append({"name": _get(obj, "name", str, where), "hosts": hosts})
-    _check_unique([c["name"] for c in out], "scenario.clusters", "name")
+    _check_unique([c["name"] for c in out], f"{prefix}clusters", "name")
     all_hosts = [h["name"] for c in out for h in c["hosts"]]
-    _check_unique(all_hosts, "scenario.hosts", "name")
+    _check_unique(all_hosts, f"{prefix}hosts", "name")
     return out, {name.lower(): name for name in all_hosts}
 
 
@@ -315,3 +315,54 @@ def _host_memory(vms: list[JSON], hosts: list[str]) -> int:
     )
     step = 8192
     return int(max(step, math.ceil(needed / step) * step))
+
+
+# -- the state file -----------------------------------------------------------------------------
+
+_STATE_KEYS = frozenset({"version", "speed", "clusters", "vms", "faults", "jobs", "counts"})
+_CLOCK_KEYS = frozenset({"sim_time", "real_time"})
+_HOST_KEYS = frozenset({"name", "memory_mb", "maintenance", "state"})
+_VM_KEYS = frozenset({"id", "name", "host", "ha", "state", "memory_mb"})
+_JOB_KEYS = frozenset(
+    {"id", "kind", "target", "status", "progress", "message", "details", "steps", "info"}
+    | {"started_at", "sim_start", "duration", "mode"}
+)
+
+
+def check_state(state: Any) -> None:
+    """Raise UsageError naming the first thing wrong with a state document (what `sim init`
+    writes), so that a file of the wrong shape is refused before anything uses it."""
+    if not isinstance(state, dict):
+        raise _fail("", f"expected a JSON object, got {type(state).__name__}")
+    missing = sorted(_STATE_KEYS - set(state))
+    if missing:
+        hint = (
+            " (a scenario? make a cluster file of it: `nodepatch sim init --file F --from S`)"
+            if "clusters" in state
+            else ""
+        )
+        raise _fail("", f"missing key {missing[0]!r}{hint}")
+    top = _check_keys(state, _STATE_KEYS | _CLOCK_KEYS, "")
+    _, hosts = _validate_clusters(_get(top, "clusters", list, ""), "")
+    for ci, cluster in enumerate(top["clusters"]):
+        for hi, host in enumerate(cluster["hosts"]):
+            _require(host, _HOST_KEYS, f"clusters[{ci}].hosts[{hi}]")
+    for i, vm in enumerate(_get(top, "vms", list, "")):
+        _validate_vm(vm, f"vms[{i}]", hosts)
+        _require(vm, _VM_KEYS, f"vms[{i}]")
+    for i, fault in enumerate(_get(top, "faults", list, "")):
+        validate_fault(fault, f"faults[{i}]")
+        _require(fault, frozenset({"times"}), f"faults[{i}]")
+    for job_id, job in _get(top, "jobs", dict, "").items():
+        if not isinstance(job, Mapping):
+            raise _fail(f"jobs.{job_id}", f"expected a mapping, got {job!r}")
+        _require(job, _JOB_KEYS, f"jobs.{job_id}")
+    for key in ("speed", *(_CLOCK_KEYS & set(top))):
+        _get(top, key, (int, float), "")
+    _get(top, "counts", dict, "")
+
+
+def _require(obj: Mapping[str, Any], keys: frozenset[str], where: str) -> None:
+    missing = sorted(keys - set(obj))
+    if missing:
+        raise _fail(where, f"missing key {missing[0]!r}")

@@ -80,6 +80,25 @@ def _load(path: Path) -> JSON:
     return state
 
 
+def _check_file(path: Path) -> None:
+    """The file is a simulated cluster's state, or UsageError naming it and what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise errors.UsageError(
+            f"no simulated cluster at {path}; create one with `nodepatch sim init --file {path}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise errors.UsageError(f"cannot read simulated cluster file {path}: {reason}") from None
+    try:
+        simfaults.check_state(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise errors.UsageError(f"simulated cluster file {path} is not valid JSON: {exc}") from None
+    except errors.UsageError as exc:
+        raise errors.UsageError(f"simulated cluster file {path}: {exc}") from None
+
+
 def _save(path: Path, state: JSON) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -592,8 +611,7 @@ class SimulatedCluster:
     def __init__(self, path: str | os.PathLike[str], *, clock: Clock = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        if not self.path.exists():
-            raise errors.BackendError(f"no simulated cluster at {path}; run `nodepatch sim init`")
+        _check_file(self.path)
 
     @classmethod
     def create(
@@ -732,7 +750,8 @@ class SimulatedCluster:
 def _inventory(world: _World, cluster: str) -> base.Inventory:
     found = next((c for c in world.state["clusters"] if c["name"].lower() == cluster.lower()), None)
     if found is None:
-        raise errors.NotFound(f"unknown cluster {cluster!r}", target=cluster)
+        known = ", ".join(c["name"] for c in world.state["clusters"])
+        raise errors.NotFound(f"unknown cluster {cluster!r} (clusters: {known})", target=cluster)
     world.count("inventory")
     hosts = tuple(_host(found["name"], h) for h in found["hosts"])
     names = {h.name for h in hosts}

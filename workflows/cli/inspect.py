@@ -13,7 +13,6 @@ from workflows.cli.common import (
     EXIT_DONE,
     EXIT_FAILED,
     emit,
-    inventory,
     json_option,
     pass_app,
 )
@@ -128,10 +127,7 @@ def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
     from workflows import doctor
 
     if app.sim_file or app.settings.backend == "simulated":
-        checks = [doctor.Check("simulated", True, "the simulated backend needs no connection")]
-        if cluster:
-            names = [h.name for h in inventory(app, cluster).hosts]
-            checks.append(doctor.Check("cluster", True, f"{cluster}: {', '.join(names)}"))
+        checks = doctor.diagnose_simulated(lambda: app.backend, cluster)
     else:
         checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
     ok = all(c.ok for c in checks)
