@@ -266,6 +266,58 @@ def test_doctor_reports_a_missing_simulated_cluster_file(tmp_path: Path) -> None
     assert result.out.startswith(f"FAIL simulated: no simulated cluster at {path}")
 
 
+# -- 5. scenario files and their faults ------------------------------------------------------------
+
+
+def readme_block(heading: str, language: str) -> str:
+    """The first fenced block of this language under the README heading."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+SCENARIOS = "## Simulated cluster scenarios and faults"
+
+
+def test_the_readme_scenario_loads_and_its_faults_fire(tmp_path: Path) -> None:
+    """The README's example scenario (with an unquoted `on:` key) creates a cluster whose
+    faults point at its VMs and hosts, and the node patch it shows ends as it says."""
+    write(tmp_path / "scenario.yaml", readme_block(SCENARIOS, "yaml"))
+    for line in readme_block(SCENARIOS, "sh").splitlines():
+        result = suggested(tmp_path, line.split("  #")[0])
+        assert result.code == 0, (line, result.err)
+    shown = nodepatch(tmp_path, "sim", "show", "--file", "cluster.json", "--json").json()
+    vms = {v["name"]: v for v in shown["vms"]}
+    assert vms["web01"]["host"] == "hv03"  # moved by "someone else" during the patch
+    assert all(v["host"] == "hv01" for n, v in vms.items() if n not in ("web01", "app01"))
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("{type: migration_fails, vm: web09}", "faults[0].vm: no VM with id or name 'web09'"),
+        ("{type: host_never_returns, host: hv9}", "faults[0].host: no host 'hv9'"),
+        ("{type: move_vm, vm: web01, to: hv9, on: move_vm}", "faults[0].to: no host 'hv9'"),
+        ("{type: job_fails, op: reboot_host, target: hv9}", "faults[0].target: no host 'hv9'"),
+        ("{type: job_fails, op: start_vm, target: hv01}", "faults[0].target: no VM with id"),
+        ("{type: delete_vm, vm: web01, true: move_vm}", "key True is not a string"),
+    ],
+)
+def test_a_fault_naming_what_is_not_in_the_scenario_is_refused(
+    tmp_path: Path, fault: str, problem: str
+) -> None:
+    """A fault's VM, host or target must exist in the scenario: exit 2 naming it, no file."""
+    scenario = write(
+        tmp_path / "s.yaml",
+        "clusters: [{name: c1, hosts: [{name: hv01, memory_mb: 8192}]}]\n"
+        "vms: [{name: web01, host: hv01, memory_mb: 1024}]\n"
+        f"faults: [{fault}]\n",
+    )
+    result = nodepatch(tmp_path, "sim", "init", "--file", "c.json", "--from", str(scenario))
+    assert_refused(result, str(scenario), problem)
+    assert not (tmp_path / "c.json").exists()
+
+
 # -- 6. a mistyped cluster -------------------------------------------------------------------------
 
 
@@ -274,3 +326,15 @@ def test_an_unknown_cluster_lists_the_known_ones(tmp_path: Path) -> None:
     SimulatedCluster.create(tmp_path / "c.json", MIXED)
     result = nodepatch(tmp_path, "--sim", "c.json", "plan", "--cluster", "c2", "--node", "hv1")
     assert_refused(result, "unknown cluster 'c2' (clusters: c1)")
+
+
+# -- 7. sim init does not overwrite --------------------------------------------------------------
+
+
+def test_sim_init_refuses_to_replace_a_file_without_force(tmp_path: Path) -> None:
+    """An existing file is kept unless --force is given."""
+    path = write(tmp_path / "cluster.json", "precious\n")
+    assert_refused(nodepatch(tmp_path, "sim", "init", "--file", str(path)), str(path), "--force")
+    assert path.read_text(encoding="utf-8") == "precious\n"
+    assert nodepatch(tmp_path, "sim", "init", "--file", str(path), "--force").code == 0
+    assert json.loads(path.read_text(encoding="utf-8"))["clusters"]

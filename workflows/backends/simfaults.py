@@ -31,6 +31,7 @@ JOB_OPS = frozenset(
     }
 )
 CALL_OPS = JOB_OPS | {"inventory", "job", "find_job"}
+HOST_JOB_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"})
 
 # type -> (required keys, optional keys, default times)
 _FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
@@ -76,6 +77,13 @@ def _get(
 def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise _fail(where, f"expected a mapping, got {obj!r}")
+    odd = [key for key in obj if not isinstance(key, str)]
+    if odd:
+        raise _fail(
+            where,
+            f"key {odd[0]!r} is not a string (YAML 1.1 reads unquoted on, off, yes and no "
+            "as booleans: quote the key)",
+        )
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise _fail(where, f"unknown key {unknown[0]!r}")
@@ -196,6 +204,8 @@ def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
     _check_unique([v["id"] for v in vms], "scenario.vms", "id")
     raw_faults = _get(top, "faults", list, "scenario", [])
     faults = [validate_fault(f, f"scenario.faults[{i}]") for i, f in enumerate(raw_faults)]
+    for i, fault in enumerate(faults):
+        _resolve_names(fault, f"scenario.faults[{i}]", vms, host_names)
     scenario_speed = _get(top, "speed", (int, float), "scenario", 0.0)
     chosen = float(speed or scenario_speed)
     if not math.isfinite(chosen) or chosen < 0:
@@ -209,6 +219,38 @@ def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
         "jobs": {},
         "counts": {},
     }
+
+
+def _resolve_names(fault: JSON, where: str, vms: list[JSON], hosts: dict[str, str]) -> None:
+    """Point the fault at VMs and hosts of the scenario: a VM by id or unique name (stored as
+    its id), a host by name in any case; anything else is refused, naming it."""
+    refs: list[str] = [key for key in ("vm", "host", "to") if key in fault]
+    if "target" in fault:
+        refs.append("target")
+    for key in refs:
+        is_host = key in ("host", "to") or (key == "target" and fault["op"] in HOST_JOB_OPS)
+        if is_host:
+            fault[key] = _host_named(fault[key], hosts, f"{where}.{key}")
+        else:
+            fault[key] = _vm_named(fault[key], vms, f"{where}.{key}")
+
+
+def _host_named(name: str, hosts: dict[str, str], where: str) -> str:
+    if name.lower() not in hosts:
+        known = ", ".join(hosts.values())
+        raise _fail(where, f"no host {name!r} in the scenario (hosts: {known})")
+    return hosts[name.lower()]
+
+
+def _vm_named(ref: str, vms: list[JSON], where: str) -> str:
+    if any(vm["id"] == ref for vm in vms):
+        return ref
+    named = [vm["id"] for vm in vms if vm["name"] == ref]
+    if len(named) > 1:
+        raise _fail(where, f"several VMs are named {ref!r}; give the VM's id")
+    if not named:
+        raise _fail(where, f"no VM with id or name {ref!r} in the scenario")
+    return str(named[0])
 
 
 def _check_unique(values: list[str], where: str, what: str) -> None:

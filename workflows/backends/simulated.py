@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 _REBOOT_SECONDS = 120.0
 _KBS = ("KB5031364", "KB5032189", "KB5033118", "KB5034129", "KB5034439", "KB5035857")
-_HOST_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"})
+_HOST_OPS = simfaults.HOST_JOB_OPS
 _OPEN = ("pending", "running")
 
 
