@@ -338,3 +338,34 @@ def test_sim_init_refuses_to_replace_a_file_without_force(tmp_path: Path) -> Non
     assert path.read_text(encoding="utf-8") == "precious\n"
     assert nodepatch(tmp_path, "sim", "init", "--file", str(path), "--force").code == 0
     assert json.loads(path.read_text(encoding="utf-8"))["clusters"]
+
+
+# -- 8. the quick tour ---------------------------------------------------------------------------
+
+
+def test_the_quick_tour_shows_both_policies_at_work(tmp_path: Path) -> None:
+    """The README's quick tour, command by command: the node it patches holds the non-HA VM
+    (migrated) and the stopped HA VM (evacuated), and both come back."""
+    env: dict[str, str] = {}
+    for raw in readme_block("## Quick tour", "sh").splitlines():
+        line = raw.split("  #")[0].strip().replace("$PWD", str(tmp_path))
+        if line.startswith(". "):
+            continue  # activating the virtualenv: this interpreter is the virtualenv's
+        if line.startswith("export "):
+            name, value = line.removeprefix("export ").split("=", 1)
+            env[name] = value
+            continue
+        if "RUN" in line:
+            runs = nodepatch(tmp_path, "runs", "--json", env=env).json()
+            line = line.replace("RUN", runs[0]["run_id"])
+        words = shlex.split(line)
+        result = nodepatch(tmp_path, *words[1:], env=env)
+        assert result.code == (1 if words[1] == "plan" else 0), (line, result.err)  # plan: blocked
+    run_id = nodepatch(tmp_path, "runs", "--json", env=env).json()[0]["run_id"]
+    published = nodepatch(tmp_path, "status", run_id, "--json", env=env).json()["published"]
+    actions = {v["id"]: (v["ha"], v["state"], v["action"]) for v in published["snapshot"]["vms"]}
+    assert (False, "Running", "migrate") in actions.values()
+    assert (True, "PowerOff", "evacuate") in actions.values()
+    for row in published["rebalance"]:
+        if actions[row["id"]][2] in ("migrate", "evacuate"):
+            assert row["to"] != "hv01" and row["outcome"] == "moved back", row

@@ -324,6 +324,7 @@ def generate(
     rng.shuffle(kinds)
     placement = [host_names[i % hosts] for i in range(vms)]
     rng.shuffle(placement)
+    kinds = _specials_first_on(host_names[0], kinds, placement)
     out_vms = [
         {
             "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
@@ -342,6 +343,18 @@ def generate(
         ],
         "vms": out_vms,
     }
+
+
+def _specials_first_on(host: str, kinds: list[str], placement: list[str]) -> list[str]:
+    """The same kinds, the non-HA and stopped ones moved to the VMs placed on host first (then
+    elsewhere), so that patching the first host shows what the policies do."""
+    specials = [kind for kind in kinds if kind != "ha"]
+    slots = [i for i, h in enumerate(placement) if h == host]
+    slots += [i for i, h in enumerate(placement) if h != host]
+    out = ["ha"] * len(kinds)
+    for slot, kind in zip(slots, specials, strict=False):
+        out[slot] = kind
+    return out
 
 
 def _host_memory(vms: list[JSON], hosts: list[str]) -> int:

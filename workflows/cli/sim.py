@@ -28,8 +28,20 @@ def sim_group() -> None:
 @click.option("--file", "path", required=True, type=click.Path())
 @click.option("--hosts", default=3, show_default=True, type=click.IntRange(1, 64))
 @click.option("--vms", default=12, show_default=True, type=click.IntRange(0, 10_000))
-@click.option("--non-ha", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--stopped-ha", default=0, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--non-ha",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Running non-HA VMs, placed on the first host (hv01) first.",
+)
+@click.option(
+    "--stopped-ha",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="HA VMs that are off, placed on the first host (hv01) first.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--speed",
