@@ -369,3 +369,31 @@ def test_the_quick_tour_shows_both_policies_at_work(tmp_path: Path) -> None:
     for row in published["rebalance"]:
         if actions[row["id"]][2] in ("migrate", "evacuate"):
             assert row["to"] != "hv01" and row["outcome"] == "moved back", row
+
+
+# -- 9. the demo ---------------------------------------------------------------------------------
+
+
+def test_the_demo_keeps_off_the_configured_database_and_prints_runnable_commands(
+    tmp_path: Path,
+) -> None:
+    """The configured database is not touched; the printed `history` works verbatim."""
+    production = tmp_path / "prod" / "nodepatch.db"
+    config = write(tmp_path / "c.yaml", f"database: sqlite:///{production}\n")
+    env = {"NODEPATCH_CONFIG": str(config), "NODEPATCH_DATABASE_URL": f"sqlite:///{production}"}
+    result = nodepatch(tmp_path, "demo", "--speed", "0", env=env)
+    assert result.code == 0, result.err
+    assert not production.parent.exists()
+    line = next(x for x in result.out.splitlines() if x.startswith("audit trail: "))
+    history = subprocess.run(
+        shlex.split(line.removeprefix("audit trail: ")),
+        cwd=REPO,
+        env=environ(tmp_path) | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert history.returncode == 0, history.stderr
+    assert "Rebalancing -> Done" in history.stdout
+    assert (tmp_path / ".nodepatch-demo" / "nodepatch.db").is_file()

@@ -31,7 +31,7 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """The URL as the user gave it, unless it holds a password: then with the password hidden."""
     try:
         parsed = sa.make_url(url)
@@ -61,7 +61,9 @@ class App:
         """The command that creates or upgrades this database (naming it unless default)."""
         if self.creates_database:
             return "nodepatch db upgrade"
-        return shlex.join(["nodepatch", "--database", _shown(self.database_url), "db", "upgrade"])
+        return shlex.join(
+            ["nodepatch", "--database", shown_url(self.database_url), "db", "upgrade"]
+        )
 
     @cached_property
     def backend(self) -> ClusterBackend:
