@@ -81,8 +81,8 @@ def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, A
     if odd:
         raise _fail(
             where,
-            f"key {odd[0]!r} is not a string (YAML 1.1 reads unquoted on, off, yes and no "
-            "as booleans: quote the key)",
+            f"key {odd[0]!r} is not a string (unquoted in YAML, true, false, on, off, yes "
+            "and no are booleans: quote the key)",
         )
     unknown = sorted(set(obj) - allowed)
     if unknown:

@@ -105,11 +105,16 @@ def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
         if same
         else "some VMs are not where they started (see the table)"
     )
-    prog = [*_program(), "--database", database]
-    click.echo(f"audit trail: {shlex.join([*prog, 'history', run.id])}")
-    click.echo(f"every run:   {shlex.join([*prog, 'runs'])}")
-    click.echo(f"the cluster: {shlex.join([*_program(), 'sim', 'show', '--file', str(path)])}")
+    _follow_ups(run.id, database, path)
     sys.exit(0 if stop.run.state == DONE and same else 1)
+
+
+def _follow_ups(run_id: str, database: str, path: Path) -> None:
+    """Commands that work exactly as printed, from anywhere, without an activated virtualenv."""
+    prog = _program()
+    click.echo(f"audit trail: {shlex.join([*prog, '--database', database, 'history', run_id])}")
+    click.echo(f"every run:   {shlex.join([*prog, '--database', database, 'runs'])}")
+    click.echo(f"the cluster: {shlex.join([*prog, 'sim', 'show', '--file', str(path)])}")
 
 
 def _fresh_database(folder: Path) -> str:
