@@ -117,7 +117,7 @@ def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
 
 
 def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Path) -> None:
-    engine = db.connect(url)
+    engine = db.connect(url, create=True)
     db.upgrade(engine)
     store = Store(engine)
     raw_rate = rate(raw, seconds)

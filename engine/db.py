@@ -17,6 +17,7 @@ from engine import errors
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 READ_ONLY = "nodepatch_read_only"
+UPGRADE = "nodepatch db upgrade"
 
 
 def normalise_url(url: str) -> str:
@@ -26,24 +27,34 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def connect(url: str) -> sa.Engine:
-    """An Engine for url: SQLite in WAL mode with a busy timeout and IMMEDIATE transactions."""
+def connect(url: str, *, create: bool = False, upgrade_command: str = UPGRADE) -> sa.Engine:
+    """An Engine for url: SQLite in WAL mode with a busy timeout and IMMEDIATE transactions.
+
+    A SQLite file that does not exist is created (with its folder) only when `create`;
+    otherwise it is DatabaseMissing, naming `upgrade_command`, the command that creates it.
+    """
     url = normalise_url(url)
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as exc:
         raise errors.DatabaseConfigError(f"invalid database URL {url!r}") from exc
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite(parsed)
+        return _sqlite(parsed, create=create, upgrade_command=upgrade_command)
     if parsed.get_backend_name() != "postgresql":
         raise errors.DatabaseConfigError(f"unsupported database {parsed.get_backend_name()!r}")
     return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
 
 
-def _sqlite(url: sa.URL) -> sa.Engine:
+def _sqlite(url: sa.URL, *, create: bool, upgrade_command: str) -> sa.Engine:
     if url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        url = url.set(database=str(Path(url.database).expanduser()))
+        path = Path(url.database).expanduser()
+        if create:
+            _make_folder(path)
+        elif not path.exists():
+            raise errors.DatabaseMissing(
+                f"no database at {path}: create it with `{upgrade_command}`"
+            )
+        url = url.set(database=str(path))
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
@@ -66,6 +77,16 @@ def _sqlite(url: sa.URL) -> sa.Engine:
     return engine
 
 
+def _make_folder(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+        raise errors.DatabaseConfigError(
+            f"database {path}: cannot create folder {path.parent}: {reason}"
+        ) from exc
+
+
 def alembic_config(engine: sa.Engine) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -85,14 +106,33 @@ def current_revision(engine: sa.Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: sa.Engine, revision: str = "head") -> None:
-    with _reachable(engine):
-        pass
+def upgrade(engine: sa.Engine, revision: str = "head") -> str | None:
+    """Migrate to revision; returns the revision the database was at (None: no schema)."""
+    before = current_revision(engine)
+    if before is not None and before not in _known_revisions(engine):
+        raise _too_new(before)
     command.upgrade(alembic_config(engine), revision)
+    return before
 
 
-def ensure_schema(engine: sa.Engine, *, create_if_empty: bool) -> None:
-    """Refuse to work on a schema this code does not match. An empty database may be created."""
+def _known_revisions(engine: sa.Engine) -> set[str]:
+    script = ScriptDirectory.from_config(alembic_config(engine))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+def _too_new(current: str) -> errors.SchemaTooNew:
+    return errors.SchemaTooNew(
+        f"the database schema ({current}) is newer than this nodepatch ({head_revision()}): "
+        "upgrade nodepatch"
+    )
+
+
+def ensure_schema(
+    engine: sa.Engine, *, create_if_empty: bool, upgrade_command: str = UPGRADE
+) -> None:
+    """Refuse to work on a schema this code does not match. An empty database may be created.
+
+    `upgrade_command` is the command the messages suggest (it may name the database)."""
     current = current_revision(engine)
     head = head_revision()
     if current == head:
@@ -102,18 +142,13 @@ def ensure_schema(engine: sa.Engine, *, create_if_empty: bool) -> None:
         return
     if current is None:
         raise errors.SchemaOutdated(
-            "the database has no nodepatch schema: run `nodepatch db upgrade`"
+            f"the database has no nodepatch schema: run `{upgrade_command}`"
         )
-    script = ScriptDirectory.from_config(alembic_config(engine))
-    known = {rev.revision for rev in script.walk_revisions()}
-    if current not in known:
-        raise errors.SchemaTooNew(
-            f"the database schema ({current}) is newer than this nodepatch ({head}): "
-            "upgrade nodepatch"
-        )
+    if current not in _known_revisions(engine):
+        raise _too_new(current)
     raise errors.SchemaOutdated(
         f"the database schema ({current}) is older than this nodepatch ({head}): "
-        "run `nodepatch db upgrade`"
+        f"run `{upgrade_command}`"
     )
 
 

@@ -39,6 +39,10 @@ class DatabaseConfigError(DatabaseError, UsageError):
     """The database URL or schema cannot be used as given."""
 
 
+class DatabaseMissing(DatabaseConfigError):
+    """There is no database at this URL: create it with `nodepatch db upgrade`."""
+
+
 class SchemaOutdated(DatabaseConfigError):
     """The database schema is older than this nodepatch: run `nodepatch db upgrade`."""
 

@@ -19,7 +19,7 @@ def run_migrations_online() -> None:
         url = os.environ.get("NODEPATCH_DATABASE_URL")
         if not url:
             raise SystemExit("set NODEPATCH_DATABASE_URL or use `nodepatch db upgrade`")
-        engine = db.connect(url)
+        engine = db.connect(url, create=True)  # alembic by hand: like `nodepatch db upgrade`
     with engine.connect() as connection:
         context.configure(
             connection=connection,

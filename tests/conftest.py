@@ -98,7 +98,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A migrated, empty database: a SQLite file, then PostgreSQL."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'nodepatch.db'}"
-        engine = db.connect(url)
+        engine = db.connect(url, create=True)
         db.upgrade(engine)
         engine.dispose()
         yield url

@@ -105,14 +105,15 @@ def test_unreachable_database_is_refused(cli: Cli) -> None:
 
 
 def test_older_schema_asks_for_db_upgrade_and_writes_nothing(cli: Cli) -> None:
-    """A schema older than the code: the message says to run `nodepatch db upgrade`."""
+    """A schema older than the code: the message says to run `nodepatch db upgrade` (on this
+    database, which is not the default one)."""
     engine = db.connect(cli.db_url)
     command.downgrade(db.alembic_config(engine), "0001")
     engine.dispose()
     before = rows(cli.db_url)
     result = cli(*START)
     assert result.code == 2
-    assert "run `nodepatch db upgrade`" in result.err
+    assert f"run `nodepatch --database {cli.db_url} db upgrade`" in result.err
     assert rows(cli.db_url) == before
     assert cli("db", "upgrade").code == 0
     assert cli(*START, "--until", "Draining").code == 3

@@ -58,7 +58,7 @@ def test_unknown_newer_schema_asks_to_upgrade_nodepatch(engine: sa.Engine) -> No
 
 def test_empty_database_is_refused_unless_creation_is_allowed(tmp_path: object) -> None:
     """An empty PostgreSQL-style database must be upgraded explicitly; SQLite may be created."""
-    eng = db.connect(f"sqlite:///{tmp_path}/empty.db")
+    eng = db.connect(f"sqlite:///{tmp_path}/empty.db", create=True)
     with pytest.raises(errors.SchemaOutdated, match="nodepatch db upgrade"):
         db.ensure_schema(eng, create_if_empty=False)
     db.ensure_schema(eng, create_if_empty=True)

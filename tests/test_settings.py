@@ -20,7 +20,7 @@ def test_the_example_configuration_is_valid() -> None:
     assert loaded.policies == defaults.policies == planning.Policies()
     assert loaded.runner.timeouts_s == defaults.runner.timeouts_s
     assert loaded.runner.retry_attempts == 3
-    assert loaded.sim_file == "./cluster.json"
+    assert loaded.sim_file == str(EXAMPLE.parent / "cluster.json")  # relative to the file
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,8 @@ def test_invalid_values_name_their_key(data: dict[str, object], message: str) ->
 def test_auto_patcher_is_simulated_only_on_the_simulator() -> None:
     """`auto` records the simulated patcher on the simulator and `external` elsewhere."""
     assert settings.from_mapping({}).patcher_for_runs() == "simulated"
-    vmm = settings.from_mapping({"backend": {"kind": "vmm"}})
+    block = {"server": "vmm01", "username": "svc", "password_env": "NODEPATCH_TEST_UNSET"}
+    vmm = settings.from_mapping({"backend": {"kind": "vmm", "vmm": block}})
     assert vmm.patcher_for_runs() == "external"
 
 

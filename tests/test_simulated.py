@@ -100,8 +100,8 @@ def host_of(cluster: SimulatedCluster, name: str) -> base.Host:
 
 
 def test_opening_a_missing_file_says_how_to_create_one(path: Path) -> None:
-    """A SimulatedCluster on a path with no state file raises BackendError naming `sim init`."""
-    with pytest.raises(errors.BackendError, match="sim init"):
+    """A SimulatedCluster on a path with no state file raises UsageError naming `sim init`."""
+    with pytest.raises(errors.UsageError, match="sim init"):
         SimulatedCluster(path)
 
 

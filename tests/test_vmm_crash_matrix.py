@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from engine import db
 from tests import durability as d
 from tests.clitools import Cli, Result
 from tests.standin import build
@@ -51,8 +52,11 @@ class VmmCli(Cli):
 
 @contextmanager
 def vmm_case(root: Path, db_url: str) -> Iterator[tuple[VmmCli, Rig]]:
-    """A fresh simulated cluster behind its own stand-in, and a CLI configured for it."""
+    """A fresh database and simulated cluster behind its own stand-in, and a CLI for them."""
     root.mkdir(parents=True)
+    engine = db.connect(db_url, create=True)
+    db.upgrade(engine)
+    engine.dispose()
     sim = SimulatedCluster.create(root / "sim.json", d.scenario(*VMS))
     standin, world = build(sim, password=PASSWORD)
     rig = Rig(sim, sim.path, standin, world)

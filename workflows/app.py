@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
+
+import sqlalchemy as sa
 
 from engine import db, errors
 from engine.context import ProgressSink
@@ -28,19 +31,39 @@ def actor() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
+def shown_url(url: str) -> str:
+    """The URL as the user gave it, unless it holds a password: then with the password hidden."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
 @dataclass
 class App:
     settings: Settings
     database_url: str
     sim_file: str | None
+    creates_database: bool = False
+    """Whether a missing database is created on first use: only the default one is."""
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     progress: ProgressSink = lambda _msg: None
 
     @cached_property
     def store(self) -> Store:
-        engine = db.connect(self.database_url)
-        db.ensure_schema(engine, create_if_empty=engine.dialect.name == "sqlite")
+        fix = self.upgrade_command()
+        engine = db.connect(self.database_url, create=self.creates_database, upgrade_command=fix)
+        db.ensure_schema(engine, create_if_empty=self.creates_database, upgrade_command=fix)
         return Store(engine)
+
+    def upgrade_command(self) -> str:
+        """The command that creates or upgrades this database (naming it unless default)."""
+        if self.creates_database:
+            return "nodepatch db upgrade"
+        return shlex.join(
+            ["nodepatch", "--database", shown_url(self.database_url), "db", "upgrade"]
+        )
 
     @cached_property
     def backend(self) -> ClusterBackend:

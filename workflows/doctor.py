@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable
 
 from engine import errors
-from workflows.backends import connection, failover, psrp, vmm
+from workflows.backends import base, connection, failover, psrp, vmm
 
 MODULE_PROBES = {
     "vmm": ("Get-SCVMHost", "VMM (virtualmachinemanager)"),
@@ -53,6 +53,26 @@ def diagnose(
                 break
     finally:
         session.close()
+    return checks
+
+
+def diagnose_simulated(
+    open_backend: Callable[[], base.ClusterBackend], cluster: str | None
+) -> list[Check]:
+    """The simulated backend needs no connection, only a valid cluster file (with the cluster)."""
+    try:
+        backend = open_backend()
+    except errors.UsageError as exc:
+        return [Check("simulated", False, str(exc))]
+    checks = [Check("simulated", True, "the cluster file is valid; no connection is needed")]
+    if cluster:
+        try:
+            inv = backend.inventory(cluster)
+        except (errors.BackendError, errors.TransientBackendError) as exc:
+            checks.append(Check("cluster", False, str(exc)))
+        else:
+            names = ", ".join(h.name for h in inv.hosts)
+            checks.append(Check("cluster", True, f"{inv.cluster}: {names}"))
     return checks
 
 

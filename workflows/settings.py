@@ -7,12 +7,14 @@ Secrets never live here: connection passwords come from an environment variable 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import yaml
 
 from engine import errors
@@ -20,18 +22,23 @@ from engine.runner import RunnerSettings
 from workflows import plan as planning
 from workflows.node_patch import STATES
 
-DEFAULT_DATABASE = "sqlite:///" + str(
-    Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser()
-    / "nodepatch"
-    / "nodepatch.db"
-)
 BACKENDS = ("simulated", "vmm", "failover")
 PATCHERS = ("auto", "simulated", "external", "windows-update", "script", "reboot")
+CONNECTED_BACKENDS = ("vmm", "failover")
+REMOTE_PATCHERS = ("windows-update", "script", "reboot")
+
+
+def default_database() -> str:
+    """SQLite in $XDG_STATE_HOME/nodepatch (~/.local/state when unset), read when called."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not Path(state).is_absolute():  # unset, empty or relative: ignored, as the spec says
+        state = "~/.local/state"
+    return "sqlite:///" + str(Path(state).expanduser() / "nodepatch" / "nodepatch.db")
 
 
 @dataclass(frozen=True)
 class Settings:
-    database: str = DEFAULT_DATABASE
+    database: str = field(default_factory=default_database)
     backend: str = "simulated"
     sim_file: str | None = None
     connection: Mapping[str, Any] = field(default_factory=dict)
@@ -68,7 +75,8 @@ _SCHEMA: dict[str, Any] = {
 
 
 def load(path: str | None) -> Settings:
-    """Settings from a YAML file (or defaults when path is None)."""
+    """Settings from a YAML file (or defaults when path is None). Relative paths in the file
+    are relative to the file's folder."""
     if path is None:
         return from_mapping({})
     try:
@@ -85,7 +93,48 @@ def load(path: str | None) -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise errors.ConfigError(f"{path}: the top level must be a mapping")
-    return from_mapping(data)
+    return from_mapping(_anchored(data, Path(path).expanduser().resolve().parent))
+
+
+_PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("backend", "simulated", "file"),
+    ("log", "file"),
+    ("patcher", "script", "script_path"),
+    *(("backend", b, k) for b in CONNECTED_BACKENDS for k in ("password_file", "ca_bundle")),
+    *(
+        ("patcher", p, "connection", k)
+        for p in REMOTE_PATCHERS
+        for k in ("password_file", "ca_bundle")
+    ),
+)
+
+
+def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A copy of data whose relative paths (and sqlite:/// URL) are made absolute under folder."""
+    out = copy.deepcopy(data)
+    for keys in _PATH_KEYS:
+        parent: Any = out
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        value = parent.get(keys[-1]) if isinstance(parent, dict) else None
+        if isinstance(value, str) and value:
+            parent[keys[-1]] = str(folder / Path(value).expanduser())
+    if isinstance(out.get("database"), str):
+        out["database"] = _anchored_url(out["database"], folder)
+    return out
+
+
+def _anchored_url(url: str, folder: Path) -> str:
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return url  # reported, naming it, when the database is opened
+    name = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:":
+        return url
+    if name.startswith("file:") or Path(name).expanduser().is_absolute():
+        return url
+    return parsed.set(database=str(folder / name)).render_as_string(hide_password=False)
 
 
 def _check(data: Any, schema: Any, where: str) -> None:
@@ -141,8 +190,9 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         ),
     )
     patcher_kind = _choice(patcher.get("kind", "auto"), PATCHERS, "patcher.kind")
+    _check_remote_blocks(backend, kind, patcher, patcher_kind)
     return Settings(
-        database=data.get("database", DEFAULT_DATABASE),
+        database=data.get("database") or default_database(),
         backend=kind,
         sim_file=backend.get("simulated", {}).get("file"),
         connection=backend.get(kind, {}) if kind != "simulated" else {},
@@ -166,6 +216,24 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         runner=runner,
         log_file=data.get("log", {}).get("file"),
     )
+
+
+def _check_remote_blocks(
+    backend: Mapping[str, Any], kind: str, patcher: Mapping[str, Any], patcher_kind: str
+) -> None:
+    """The connection blocks of the backend and the patchers, checked now like every other key;
+    only their secrets wait until a command uses them."""
+    from workflows.backends import connection
+
+    for name in CONNECTED_BACKENDS:
+        if name in backend or name == kind:
+            connection.validate(backend.get(name, {}), f"backend.{name}")
+    remote_blocks = [p for p in REMOTE_PATCHERS if p in patcher or p == patcher_kind]
+    if remote_blocks:
+        from workflows.patchers import remote  # pypsrp: imported only when configured
+
+        for name in remote_blocks:
+            remote.validate(patcher.get(name, {}), f"patcher.{name}")
 
 
 DEFAULT_TIMEOUTS = {

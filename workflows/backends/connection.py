@@ -130,12 +130,25 @@ def from_mapping(
     data: Mapping[str, object], where: str, environ: Mapping[str, str]
 ) -> ConnectionSettings:
     """Validate one configuration block (e.g. `backend.vmm`) into ConnectionSettings."""
+    values = _checked_values(data, where)
+    return _settings(values, _resolve_password(values, where, environ), where)
+
+
+def validate(data: Mapping[str, object], where: str) -> None:
+    """Everything `from_mapping` checks except the secret itself, which is read only when the
+    connection is used (so a password variable set only for `start` does not fail `runs`)."""
+    values = _checked_values(data, where)
+    _password_source(values, where)
+    _settings(values, Secret(""), where)
+
+
+def _checked_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
     if "password" in data:
         raise errors.ConfigError(
             f"{where}.password: passwords are not allowed in the configuration; "
             "use password_env (an environment variable name) or password_file (a path)"
         )
-    unknown = sorted(set(data) - KNOWN_KEYS)
+    unknown = sorted(set(data) - KNOWN_KEYS, key=str)
     if unknown:
         raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
     values = _typed_values(data, where)
@@ -149,12 +162,14 @@ def from_mapping(
         )
     if encryption == "never":
         values["allow_insecure_basic"] = True
-    password = _resolve_password(values, where, environ)
+    return values
+
+
+def _settings(values: dict[str, Any], password: Secret, where: str) -> ConnectionSettings:
     try:
-        settings = ConnectionSettings(password=password, **values)
+        return ConnectionSettings(password=password, **values)
     except errors.ConfigError as exc:
         raise errors.ConfigError(str(exc).replace("connection.", f"{where}.", 1)) from None
-    return settings
 
 
 def _typed_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
@@ -183,13 +198,21 @@ def _check_type(key: str, value: object, where: str) -> object:
     return value
 
 
-def _resolve_password(values: dict[str, Any], where: str, environ: Mapping[str, str]) -> Secret:
+def _password_source(values: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """Pop and check (password_env, password_file): one of them, unless Kerberos needs neither."""
     env_name = values.pop("password_env", None)
     file_name = values.pop("password_file", None)
     if env_name and file_name:
         raise errors.ConfigError(
             f"{where}.password_env: give password_env or password_file, not both"
         )
+    if not env_name and not file_name and values.get("auth", "negotiate") != "kerberos":
+        raise errors.ConfigError(f"{where}.password_env: give password_env or password_file")
+    return env_name, file_name
+
+
+def _resolve_password(values: dict[str, Any], where: str, environ: Mapping[str, str]) -> Secret:
+    env_name, file_name = _password_source(values, where)
     if env_name:
         if env_name not in environ:
             raise errors.ConfigError(
@@ -204,6 +227,4 @@ def _resolve_password(values: dict[str, Any], where: str, environ: Mapping[str, 
             raise errors.ConfigError(
                 f"{where}.password_file: cannot read {file_name}: {exc.strerror}"
             ) from None
-    if values.get("auth", "negotiate") in ("kerberos",):
-        return Secret("")
-    raise errors.ConfigError(f"{where}.password_env: give password_env or password_file")
+    return Secret("")

@@ -31,6 +31,7 @@ JOB_OPS = frozenset(
     }
 )
 CALL_OPS = JOB_OPS | {"inventory", "job", "find_job"}
+HOST_JOB_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"})
 
 # type -> (required keys, optional keys, default times)
 _FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
@@ -51,7 +52,7 @@ _TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed"})
 
 
 def _fail(where: str, problem: str) -> errors.UsageError:
-    return errors.UsageError(f"{where}: {problem}")
+    return errors.UsageError(f"{where}: {problem}" if where else problem)
 
 
 def _get(
@@ -69,13 +70,20 @@ def _get(
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         names = kind if isinstance(kind, tuple) else (kind,)
         expected = " or ".join(k.__name__ for k in names)
-        raise _fail(f"{where}.{key}", f"expected {expected}, got {value!r}")
+        raise _fail(f"{where}.{key}" if where else key, f"expected {expected}, got {value!r}")
     return value
 
 
 def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise _fail(where, f"expected a mapping, got {obj!r}")
+    odd = [key for key in obj if not isinstance(key, str)]
+    if odd:
+        raise _fail(
+            where,
+            f"key {odd[0]!r} is not a string (unquoted in YAML, true, false, on, off, yes "
+            "and no are booleans: quote the key)",
+        )
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise _fail(where, f"unknown key {unknown[0]!r}")
@@ -190,12 +198,14 @@ def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
     clusters = _get(top, "clusters", list, "scenario")
     if not clusters:
         raise _fail("scenario.clusters", "at least one cluster is needed")
-    out_clusters, host_names = _validate_clusters(clusters)
+    out_clusters, host_names = _validate_clusters(clusters, "scenario.")
     raw_vms = _get(top, "vms", list, "scenario", [])
     vms = [_validate_vm(v, f"scenario.vms[{i}]", host_names) for i, v in enumerate(raw_vms)]
     _check_unique([v["id"] for v in vms], "scenario.vms", "id")
     raw_faults = _get(top, "faults", list, "scenario", [])
     faults = [validate_fault(f, f"scenario.faults[{i}]") for i, f in enumerate(raw_faults)]
+    for i, fault in enumerate(faults):
+        _resolve_names(fault, f"scenario.faults[{i}]", vms, host_names)
     scenario_speed = _get(top, "speed", (int, float), "scenario", 0.0)
     chosen = float(speed or scenario_speed)
     if not math.isfinite(chosen) or chosen < 0:
@@ -211,6 +221,38 @@ def build_state(scenario: Mapping[str, Any], *, speed: float) -> JSON:
     }
 
 
+def _resolve_names(fault: JSON, where: str, vms: list[JSON], hosts: dict[str, str]) -> None:
+    """Point the fault at VMs and hosts of the scenario: a VM by id or unique name (stored as
+    its id), a host by name in any case; anything else is refused, naming it."""
+    refs: list[str] = [key for key in ("vm", "host", "to") if key in fault]
+    if "target" in fault:
+        refs.append("target")
+    for key in refs:
+        is_host = key in ("host", "to") or (key == "target" and fault["op"] in HOST_JOB_OPS)
+        if is_host:
+            fault[key] = _host_named(fault[key], hosts, f"{where}.{key}")
+        else:
+            fault[key] = _vm_named(fault[key], vms, f"{where}.{key}")
+
+
+def _host_named(name: str, hosts: dict[str, str], where: str) -> str:
+    if name.lower() not in hosts:
+        known = ", ".join(hosts.values())
+        raise _fail(where, f"no host {name!r} in the scenario (hosts: {known})")
+    return hosts[name.lower()]
+
+
+def _vm_named(ref: str, vms: list[JSON], where: str) -> str:
+    if any(vm["id"] == ref for vm in vms):
+        return ref
+    named = [vm["id"] for vm in vms if vm["name"] == ref]
+    if len(named) > 1:
+        raise _fail(where, f"several VMs are named {ref!r}; give the VM's id")
+    if not named:
+        raise _fail(where, f"no VM with id or name {ref!r} in the scenario")
+    return str(named[0])
+
+
 def _check_unique(values: list[str], where: str, what: str) -> None:
     seen: set[str] = set()
     for index, value in enumerate(values):
@@ -219,17 +261,17 @@ def _check_unique(values: list[str], where: str, what: str) -> None:
         seen.add(value.lower())
 
 
-def _validate_clusters(clusters: list[Any]) -> tuple[list[JSON], dict[str, str]]:
+def _validate_clusters(clusters: list[Any], prefix: str) -> tuple[list[JSON], dict[str, str]]:
     out: list[JSON] = []
     for ci, raw in enumerate(clusters):
-        where = f"scenario.clusters[{ci}]"
+        where = f"{prefix}clusters[{ci}]"
         obj = _check_keys(raw, frozenset({"name", "hosts"}), where)
         raw_hosts = _get(obj, "hosts", list, where)
         hosts = [_validate_host(h, f"{where}.hosts[{hi}]") for hi, h in enumerate(raw_hosts)]
         out.append({"name": _get(obj, "name", str, where), "hosts": hosts})
-    _check_unique([c["name"] for c in out], "scenario.clusters", "name")
+    _check_unique([c["name"] for c in out], f"{prefix}clusters", "name")
     all_hosts = [h["name"] for c in out for h in c["hosts"]]
-    _check_unique(all_hosts, "scenario.hosts", "name")
+    _check_unique(all_hosts, f"{prefix}hosts", "name")
     return out, {name.lower(): name for name in all_hosts}
 
 
@@ -282,6 +324,7 @@ def generate(
     rng.shuffle(kinds)
     placement = [host_names[i % hosts] for i in range(vms)]
     rng.shuffle(placement)
+    kinds = _specials_first_on(host_names[0], kinds, placement)
     out_vms = [
         {
             "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
@@ -302,6 +345,18 @@ def generate(
     }
 
 
+def _specials_first_on(host: str, kinds: list[str], placement: list[str]) -> list[str]:
+    """The same kinds, the non-HA and stopped ones moved to the VMs placed on host first (then
+    elsewhere), so that patching the first host shows what the policies do."""
+    specials = [kind for kind in kinds if kind != "ha"]
+    slots = [i for i, h in enumerate(placement) if h == host]
+    slots += [i for i, h in enumerate(placement) if h != host]
+    out = ["ha"] * len(kinds)
+    for slot, kind in zip(slots, specials, strict=False):
+        out[slot] = kind
+    return out
+
+
 def _host_memory(vms: list[JSON], hosts: list[str]) -> int:
     """Host size such that greedy most-free placement fits everything on N-1 hosts."""
     running = [v["memory_mb"] for v in vms if v["state"] == "Running"]
@@ -315,3 +370,54 @@ def _host_memory(vms: list[JSON], hosts: list[str]) -> int:
     )
     step = 8192
     return int(max(step, math.ceil(needed / step) * step))
+
+
+# -- the state file -----------------------------------------------------------------------------
+
+_STATE_KEYS = frozenset({"version", "speed", "clusters", "vms", "faults", "jobs", "counts"})
+_CLOCK_KEYS = frozenset({"sim_time", "real_time"})
+_HOST_KEYS = frozenset({"name", "memory_mb", "maintenance", "state"})
+_VM_KEYS = frozenset({"id", "name", "host", "ha", "state", "memory_mb"})
+_JOB_KEYS = frozenset(
+    {"id", "kind", "target", "status", "progress", "message", "details", "steps", "info"}
+    | {"started_at", "sim_start", "duration", "mode"}
+)
+
+
+def check_state(state: Any) -> None:
+    """Raise UsageError naming the first thing wrong with a state document (what `sim init`
+    writes), so that a file of the wrong shape is refused before anything uses it."""
+    if not isinstance(state, dict):
+        raise _fail("", f"expected a JSON object, got {type(state).__name__}")
+    missing = sorted(_STATE_KEYS - set(state))
+    if missing:
+        hint = (
+            " (a scenario? make a cluster file of it: `nodepatch sim init --file F --from S`)"
+            if "clusters" in state
+            else ""
+        )
+        raise _fail("", f"missing key {missing[0]!r}{hint}")
+    top = _check_keys(state, _STATE_KEYS | _CLOCK_KEYS, "")
+    _, hosts = _validate_clusters(_get(top, "clusters", list, ""), "")
+    for ci, cluster in enumerate(top["clusters"]):
+        for hi, host in enumerate(cluster["hosts"]):
+            _require(host, _HOST_KEYS, f"clusters[{ci}].hosts[{hi}]")
+    for i, vm in enumerate(_get(top, "vms", list, "")):
+        _validate_vm(vm, f"vms[{i}]", hosts)
+        _require(vm, _VM_KEYS, f"vms[{i}]")
+    for i, fault in enumerate(_get(top, "faults", list, "")):
+        validate_fault(fault, f"faults[{i}]")
+        _require(fault, frozenset({"times"}), f"faults[{i}]")
+    for job_id, job in _get(top, "jobs", dict, "").items():
+        if not isinstance(job, Mapping):
+            raise _fail(f"jobs.{job_id}", f"expected a mapping, got {job!r}")
+        _require(job, _JOB_KEYS, f"jobs.{job_id}")
+    for key in ("speed", *(_CLOCK_KEYS & set(top))):
+        _get(top, key, (int, float), "")
+    _get(top, "counts", dict, "")
+
+
+def _require(obj: Mapping[str, Any], keys: frozenset[str], where: str) -> None:
+    missing = sorted(keys - set(obj))
+    if missing:
+        raise _fail(where, f"missing key {missing[0]!r}")

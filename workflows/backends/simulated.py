@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 _REBOOT_SECONDS = 120.0
 _KBS = ("KB5031364", "KB5032189", "KB5033118", "KB5034129", "KB5034439", "KB5035857")
-_HOST_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"})
+_HOST_OPS = simfaults.HOST_JOB_OPS
 _OPEN = ("pending", "running")
 
 
@@ -78,6 +78,25 @@ def _load(path: Path) -> JSON:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise errors.BackendError(f"corrupt simulated cluster file {path}: {exc}") from exc
     return state
+
+
+def _check_file(path: Path) -> None:
+    """The file is a simulated cluster's state, or UsageError naming it and what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise errors.UsageError(
+            f"no simulated cluster at {path}; create one with `nodepatch sim init --file {path}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise errors.UsageError(f"cannot read simulated cluster file {path}: {reason}") from None
+    try:
+        simfaults.check_state(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise errors.UsageError(f"simulated cluster file {path} is not valid JSON: {exc}") from None
+    except errors.UsageError as exc:
+        raise errors.UsageError(f"simulated cluster file {path}: {exc}") from None
 
 
 def _save(path: Path, state: JSON) -> None:
@@ -592,8 +611,7 @@ class SimulatedCluster:
     def __init__(self, path: str | os.PathLike[str], *, clock: Clock = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        if not self.path.exists():
-            raise errors.BackendError(f"no simulated cluster at {path}; run `nodepatch sim init`")
+        _check_file(self.path)
 
     @classmethod
     def create(
@@ -732,7 +750,8 @@ class SimulatedCluster:
 def _inventory(world: _World, cluster: str) -> base.Inventory:
     found = next((c for c in world.state["clusters"] if c["name"].lower() == cluster.lower()), None)
     if found is None:
-        raise errors.NotFound(f"unknown cluster {cluster!r}", target=cluster)
+        known = ", ".join(c["name"] for c in world.state["clusters"])
+        raise errors.NotFound(f"unknown cluster {cluster!r} (clusters: {known})", target=cluster)
     world.count("inventory")
     hosts = tuple(_host(found["name"], h) for h in found["hosts"])
     names = {h.name for h in hosts}

@@ -97,7 +97,14 @@ def main(
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
     cfg = settings.load(config_path)
     _setup_logging(cfg.log_file, debug)
-    app = App(cfg, database or cfg.database, sim_file, progress=_progress_sink(sys.stderr.isatty()))
+    url = database or cfg.database
+    app = App(
+        cfg,
+        url,
+        sim_file,
+        creates_database=url == settings.default_database(),
+        progress=_progress_sink(sys.stderr.isatty()),
+    )
     ctx.obj = app
     ctx.call_on_close(app.close)
 
@@ -106,9 +113,22 @@ def _setup_logging(path: str | None, debug: bool) -> None:
     root = logging.getLogger("nodepatch")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if path:
-        handler = logging.FileHandler(Path(path).expanduser(), encoding="utf-8")
+        handler = _file_handler(Path(path).expanduser())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    """Appends to path, creating its folder; a path that cannot be used is log.file's error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+        raise errors.ConfigError(f"log.file: cannot create folder {path.parent}: {reason}") from exc
+    try:
+        return logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
 from workflows.cli import demo, inspect, runs, sim  # noqa: E402 - the commands

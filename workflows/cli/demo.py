@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from workflows import plan as planning
 from workflows import render
-from workflows.app import App
+from workflows.app import App, shown_url
 from workflows.node_patch import DONE, Params, subject
 
 
@@ -28,6 +29,7 @@ def _vm(
     }
 
 
+DEMO_FOLDER = Path(".nodepatch-demo")
 SCENARIO = {
     "clusters": [
         {"name": "cluster1", "hosts": [{"name": f"hv0{i}", "memory_mb": 32768} for i in (1, 2, 3)]}
@@ -54,12 +56,16 @@ SCENARIO = {
     help="Simulated seconds per real second.",
 )
 @click.option("--keep", type=click.Path(), help="Write the simulated cluster to this file.")
-@click.pass_obj
-def demo_cmd(app: App, speed: float, keep: str | None) -> None:
-    """Patch one node of a fresh simulated cluster, end to end, on the configured database."""
+@click.pass_context
+def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
+    """Patch one node of a fresh simulated cluster, end to end, in ./.nodepatch-demo/ (a fresh
+    SQLite database of its own, never the configured one, unless --database is given)."""
     from workflows.backends.simulated import SimulatedCluster
 
-    path = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="nodepatch-demo-")) / "c.json"
+    app: App = ctx.obj
+    if ctx.find_root().get_parameter_source("database") is not ParameterSource.COMMANDLINE:
+        app.database_url, app.creates_database = _fresh_database(DEMO_FOLDER.resolve()), True
+    path = Path(keep).absolute() if keep else DEMO_FOLDER.resolve() / "cluster.json"
     cluster = SimulatedCluster.create(path, SCENARIO, speed=speed)
     before = {vm["id"]: vm for vm in cluster.snapshot()["vms"]}
     node = "hv01"
@@ -78,7 +84,8 @@ def demo_cmd(app: App, speed: float, keep: str | None) -> None:
         "simulated",
         app.settings.concurrency,
     )
-    click.echo(f"policies: non_ha=migrate, stopped_ha=evacuate; database {app.database_url}")
+    database = shown_url(app.database_url)
+    click.echo(f"policies: non_ha=migrate, stopped_ha=evacuate; database {database}")
     runner = app.runner()
     run = runner.create(subject("cluster1", node), params.to_json())
     click.echo(f"run {run.id}: patching {node}")
@@ -98,5 +105,30 @@ def demo_cmd(app: App, speed: float, keep: str | None) -> None:
         if same
         else "some VMs are not where they started (see the table)"
     )
-    click.echo(f"audit trail: nodepatch history {run.id}")
+    _follow_ups(run.id, database, path)
     sys.exit(0 if stop.run.state == DONE and same else 1)
+
+
+def _follow_ups(run_id: str, database: str, path: Path) -> None:
+    """Commands that work exactly as printed, from anywhere, without an activated virtualenv."""
+    prog = _program()
+    click.echo(f"audit trail: {shlex.join([*prog, '--database', database, 'history', run_id])}")
+    click.echo(f"every run:   {shlex.join([*prog, '--database', database, 'runs'])}")
+    click.echo(f"the cluster: {shlex.join([*prog, 'sim', 'show', '--file', str(path)])}")
+
+
+def _fresh_database(folder: Path) -> str:
+    """A new, empty SQLite database in folder (the previous demo's is removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    database = folder / "nodepatch.db"
+    for suffix in ("", "-wal", "-shm"):
+        database.with_name(database.name + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{database}"
+
+
+def _program() -> list[str]:
+    """This nodepatch, runnable as printed from anywhere without activating its virtualenv."""
+    script = Path(sys.argv[0])
+    if script.name == "nodepatch" and script.is_file():
+        return [str(script.resolve())]
+    return [sys.executable, "-m", "workflows"]

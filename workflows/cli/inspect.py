@@ -13,7 +13,6 @@ from workflows.cli.common import (
     EXIT_DONE,
     EXIT_FAILED,
     emit,
-    inventory,
     json_option,
     pass_app,
 )
@@ -31,10 +30,16 @@ def db_group() -> None:
 @pass_app
 def db_upgrade(app: App) -> None:
     """Create or upgrade the schema to this version (alembic migrations)."""
-    engine = db.connect(app.database_url)
-    db.upgrade(engine)
-    click.echo(f"database at revision {db.current_revision(engine)}")
-    engine.dispose()
+    engine = db.connect(app.database_url, create=True)
+    try:
+        before = db.upgrade(engine)
+        after = db.current_revision(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        click.echo(f"database already at revision {after}; nothing to do")
+    else:
+        click.echo(f"database upgraded from {before or '(empty)'} to {after}")
 
 
 # ---- inspection --------------------------------------------------------------------------
@@ -122,10 +127,7 @@ def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
     from workflows import doctor
 
     if app.sim_file or app.settings.backend == "simulated":
-        checks = [doctor.Check("simulated", True, "the simulated backend needs no connection")]
-        if cluster:
-            names = [h.name for h in inventory(app, cluster).hosts]
-            checks.append(doctor.Check("cluster", True, f"{cluster}: {', '.join(names)}"))
+        checks = doctor.diagnose_simulated(lambda: app.backend, cluster)
     else:
         checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
     ok = all(c.ok for c in checks)

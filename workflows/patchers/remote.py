@@ -420,21 +420,29 @@ def settings_from_mapping(
     data: Mapping[str, object], where: str, environ: Mapping[str, str]
 ) -> RemotePatchSettings:
     """Validate a `patcher` config block; `connection` is a ConnectionSettings block."""
+    connection = conn.from_mapping(_connection_block(data, where), f"{where}.connection", environ)
+    return RemotePatchSettings(connection=connection, **_options(data, where))
+
+
+def validate(data: Mapping[str, object], where: str) -> None:
+    """Everything `settings_from_mapping` checks except reading the connection's secret."""
+    conn.validate(_connection_block(data, where), f"{where}.connection")
+    _options(data, where)
+
+
+def _connection_block(data: Mapping[str, object], where: str) -> dict[str, object]:
     allowed = {f.name for f in dataclasses.fields(RemotePatchSettings)}
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - allowed, key=str)
     if unknown:
         raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
     raw_conn = data.get("connection")
     if not isinstance(raw_conn, Mapping):
         raise errors.ConfigError(f"{where}.connection: required (a mapping)")
-    conn_data = {"server": "localhost", **raw_conn}
-    values: dict[str, Any] = {
-        "connection": conn.from_mapping(conn_data, f"{where}.connection", environ)
-    }
-    for key, val in data.items():
-        if key != "connection":
-            values[key] = _check(key, val, where)
-    return RemotePatchSettings(**values)
+    return {"server": "localhost", **raw_conn}
+
+
+def _options(data: Mapping[str, object], where: str) -> dict[str, Any]:
+    return {key: _check(key, val, where) for key, val in data.items() if key != "connection"}
 
 
 def _check(key: str, val: object, where: str) -> object:
