@@ -74,6 +74,9 @@ class StepContext:
     published: dict[str, Any]
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    stopping: Callable[[], bool] = lambda: False
+    timeout_s: float = 0.0
+    waiting_on: str = ""  # what the step is waiting for, named if it times out
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
@@ -82,11 +85,21 @@ class StepContext:
         return name in self.store.pending_signals(self.run.id)
 
     def check(self) -> None:
+        """Raise if the lease is lost, a stop was asked for (every side effect so far is
+        journaled: a durable point), or the step ran past its timeout."""
         self.guard.check()
+        if self.stopping():
+            raise errors.Interrupted(f"stopped in {self.run.state} as asked")
         if self.clock() > self.deadline:
-            raise errors.StepTimeout(f"{self.run.state} ran past its timeout")
+            raise errors.StepTimeout(
+                f"{self.run.state} ran past its timeout of {self.timeout_s:g} s"
+                f"{f' ({self.waiting_on})' if self.waiting_on else ''}"
+            )
 
-    def wait(self, seconds: float | None = None) -> None:
+    def wait(self, seconds: float | None = None, *, on: str | None = None) -> None:
+        """Sleep one poll interval (or `seconds`), checking first; `on` names what is awaited."""
+        if on is not None:
+            self.waiting_on = on
         self.check()
         self.sleep(self.poll_interval if seconds is None else seconds)
 
@@ -138,6 +151,7 @@ class StepContext:
         active: dict[str, tuple[JobSpec, int, str, bool]] = {}
         shown: dict[str, int] = {}
         outcomes: dict[str, JobOutcome] = {}
+        latest = ""
         while pending or active:
             while pending and len(active) < max(concurrency, 1):
                 spec = pending.pop(0)
@@ -148,6 +162,7 @@ class StepContext:
                     active[spec.name] = (spec, *started)
             for name, (spec, attempt, ref, reattached) in list(active.items()):
                 job = poll(ref)
+                latest = f"{spec.label or name}: {job.progress}% {job.message}".rstrip()
                 if spec.label and (job.progress != shown.get(name) or job.done):
                     shown[name] = job.progress
                     self.progress(f"{spec.label}: {job.progress}% {job.message}".rstrip())
@@ -155,7 +170,7 @@ class StepContext:
                     del active[name]
                     outcomes[name] = self._finish(spec, attempt, ref, job, reattached)
             if active:
-                self.wait()
+                self.wait(on=f"{len(active)} job(s) in flight, latest {latest}")
         return outcomes
 
     def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:

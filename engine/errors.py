@@ -92,6 +92,10 @@ class StepTimeout(StepFailed):
     """The step ran past its configured timeout."""
 
 
+class Interrupted(EngineError):
+    """Stopped on request (Ctrl-C, SIGTERM, a time bound) at a durable point: resume it."""
+
+
 class TransientError(EngineError):
     """A temporary failure (connection refused, reset, timeout); the step is retried."""
 

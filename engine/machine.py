@@ -64,4 +64,7 @@ def _full_table(workflow: Workflow) -> tuple[Transition, ...]:
     stepped = [s for s in workflow.states if s in workflow.steps]
     generated = [Transition("fail", s, workflow.failed) for s in stepped]
     generated += [Transition(f"retry:{s}", workflow.failed, s) for s in stepped]
+    if workflow.abandoned:
+        unfinished = [s for s in workflow.states if s not in workflow.final]
+        generated += [Transition("release", s, workflow.abandoned) for s in unfinished]
     return tuple(workflow.transitions) + tuple(generated)

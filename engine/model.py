@@ -39,11 +39,12 @@ class Run:
     updated_at: dt.datetime
     finished_at: dt.datetime | None
     audit_head: str | None = None
+    heartbeat_at: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Run:
         values = {name: row[name] for name in cls.__dataclass_fields__}
-        for name in ("lease_expires_at", "created_at", "updated_at", "finished_at"):
+        for name in ("lease_expires_at", "created_at", "updated_at", "finished_at", "heartbeat_at"):
             values[name] = as_utc(values[name])
         return cls(**values)
 
@@ -98,10 +99,15 @@ class JournalEntry:
     status: str
     external_ref: str | None
     result: Mapping[str, Any] | None
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> JournalEntry:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        for name in ("created_at", "updated_at"):
+            values[name] = as_utc(values[name])
+        return cls(**values)
 
     @property
     def job(self) -> str:

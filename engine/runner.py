@@ -44,7 +44,7 @@ class RunnerSettings:
 @dataclass(frozen=True)
 class Stop:
     run: Run
-    reason: Literal["final", "failed", "until", "waiting"]
+    reason: Literal["final", "failed", "until", "waiting", "interrupted"]
 
 
 class Heartbeat:
@@ -94,6 +94,7 @@ class Runner:
         self.store, self.workflow, self.settings = store, workflow, settings
         self.machine = StateMachine(workflow)
         self.actor, self.progress, self.sleep = actor, progress, sleep
+        self.stop_requested = threading.Event()
 
     # ---- operator actions --------------------------------------------------------------
 
@@ -107,7 +108,8 @@ class Runner:
             actor=self.actor,
         )
 
-    def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> Run:
+    def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> bool:
+        """Record signal `name` for the run; False if the same signal is already pending."""
         allowed = sorted(self.workflow.signals | {ABORT})
         if name not in allowed:
             raise errors.UsageError(
@@ -116,15 +118,42 @@ class Runner:
         run = self.store.get(run_id)
         if self.machine.is_final(run.state):
             raise errors.UsageError(f"run {run_id} is already {run.state}")
-        self.store.send_signal(run_id, name, payload or {}, self.actor)
-        return self.store.get(run_id)
+        return self.store.send_signal(run_id, name, payload or {}, self.actor)
+
+    def release(self, run_id: str, reason: str, publish: Mapping[str, Any]) -> Run:
+        """Give up on a run that cannot finish: it ends in the workflow's abandoned state, its
+        locks released, with the reason, the actor and what was left (`publish`) in the trail.
+        Nothing outside the database is touched."""
+        if self.workflow.abandoned is None:
+            raise errors.UsageError(f"{self.workflow.name} runs cannot be released")
+        if not reason.strip():
+            raise errors.UsageError("--reason must say why the run is released")
+        lease = self.store.claim(
+            run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
+        )
+        try:
+            run = self.store.get(run_id)
+            if self.machine.is_final(run.state):
+                raise errors.UsageError(f"run {run_id} is already {run.state}")
+            return self.store.transition(
+                lease,
+                from_state=run.state,
+                version=run.version,
+                trigger="release",
+                to_state=self.workflow.abandoned,
+                final=True,
+                publish=publish,
+                release=tuple(self.store.locks(run_id)),
+                details={"reason": reason, "by": self.actor, "in": run.state},
+                error={"state": run.state, "reason": f"released by {self.actor}: {reason}"},
+            )
+        finally:
+            self.store.release(lease)
 
     def drive(self, run_id: str, *, until: str | None = None, retry: bool = False) -> Stop:
         """Advance the run as far as it goes; retry=True first re-enters a failed step."""
-        if until is not None and until not in self.workflow.states:
-            raise errors.UsageError(
-                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
-            )
+        if until is not None:
+            self._check_until(self.store.get(run_id), until)
         lease = self.store.claim(
             run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
         )
@@ -134,6 +163,19 @@ class Runner:
         finally:
             self.store.release(lease)
 
+    def _check_until(self, run: Run, until: str) -> None:
+        if until not in self.workflow.states:
+            raise errors.UsageError(
+                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
+            )
+        here = (
+            run.failed_from if run.state == self.workflow.failed and run.failed_from else run.state
+        )
+        if self.machine.is_final(run.state) or until not in self.workflow.ahead(here):
+            raise errors.UsageError(
+                f"run {run.id} is at {run.state}: --until {until} is not ahead of it"
+            )
+
     # ---- the loop ----------------------------------------------------------------------
 
     def _loop(self, lease: Lease, beat: Heartbeat, until: str | None, retry: bool) -> Stop:
@@ -142,6 +184,8 @@ class Runner:
             run, signals, published = self.store.load(lease.run_id)
             if self.machine.is_final(run.state):
                 return Stop(run, "final")
+            if self.stop_requested.is_set():
+                return Stop(run, "interrupted")
             if ABORT in signals:
                 trigger = self.workflow.on_abort(run)
                 if trigger is None:
@@ -161,7 +205,10 @@ class Runner:
             retry = False  # only a run that was Failed when this drive began is retried
             if until == run.state:
                 return Stop(run, "until")
-            outcome = self._execute(run, beat, published)
+            try:
+                outcome = self._execute(run, beat, published)
+            except errors.Interrupted:
+                return Stop(self.store.get(run.id), "interrupted")
             if isinstance(outcome, Wait):
                 self.store.set_waiting(lease, outcome.signal, outcome.reason)
                 self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
@@ -182,6 +229,8 @@ class Runner:
                 progress_sink=self.progress,
                 published=published,
                 sleep=self.sleep,
+                stopping=self.stop_requested.is_set,
+                timeout_s=self.settings.timeout(run.state),
             )
             log.info(
                 "step %s of run %s (attempt %d)",
@@ -222,9 +271,15 @@ class Runner:
                 release=outcome.release,
                 consume=outcome.consume,
                 details=outcome.details,
+                error={"state": run.state, **outcome.error} if outcome.error else None,
             )
         except errors.LockHeld as exc:
-            self._fail(lease, run, {"reason": str(exc), "holder": exc.holder})
+            details = {"reason": str(exc), "holder": exc.holder}
+            if outcome.if_held is None:
+                self._fail(lease, run, details)
+                return
+            instead = Advance(outcome.if_held, outcome.publish, details=details, error=details)
+            self._fire(lease, run, instead)
             return
         self.progress(f"{run.state} -> {to_state}")
 

@@ -29,6 +29,7 @@ run = sa.Table(
     sa.Column("lease_owner", sa.String(256)),
     sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lease_expires_at", TS),
+    sa.Column("heartbeat_at", TS),
     sa.Column("wake_at", TS),
     sa.Column("waiting_for", sa.String(64)),
     sa.Column("failed_from", sa.String(64)),

@@ -275,7 +275,12 @@ class Store:
             updated = conn.execute(
                 t.run.update()
                 .where(t.run.c.id == run_id, t.run.c.lease_token == run.lease_token)
-                .values(lease_owner=owner, lease_token=token, lease_expires_at=now + ttl)
+                .values(
+                    lease_owner=owner,
+                    lease_token=token,
+                    lease_expires_at=now + ttl,
+                    heartbeat_at=now,
+                )
             ).rowcount
             if updated != 1:
                 raise errors.Busy(f"run {run_id} was claimed by another process just now")
@@ -293,12 +298,13 @@ class Store:
 
     @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
+        now = utcnow()
         with self._tx() as conn:
             return (
                 conn.execute(
                     t.run.update()
                     .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
-                    .values(lease_expires_at=utcnow() + ttl)
+                    .values(lease_expires_at=now + ttl, heartbeat_at=now)
                 ).rowcount
                 == 1
             )
@@ -309,7 +315,7 @@ class Store:
             conn.execute(
                 t.run.update()
                 .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
-                .values(lease_owner=None, lease_expires_at=None)
+                .values(lease_owner=None, lease_expires_at=None, heartbeat_at=None)
             )
 
     def transition(self, lease: Lease, **change: Any) -> Run:
@@ -363,7 +369,7 @@ class Store:
                 "finished_at": now if final else None,
             }
             if final:
-                values |= {"lease_owner": None, "lease_expires_at": None}
+                values |= {"lease_owner": None, "lease_expires_at": None, "heartbeat_at": None}
             updated = conn.execute(
                 t.run.update()
                 .where(
@@ -377,12 +383,13 @@ class Store:
             if updated != 1:
                 self._raise_stale(conn, lease, from_state, version)
             self._take_locks(conn, lease.run_id, acquire, now)
-            conn.execute(
-                t.resource_lock.delete().where(
-                    t.resource_lock.c.run_id == lease.run_id,
-                    t.resource_lock.c.resource.in_(list(release)),
+            if release:
+                conn.execute(
+                    t.resource_lock.delete().where(
+                        t.resource_lock.c.run_id == lease.run_id,
+                        t.resource_lock.c.resource.in_(list(release)),
+                    )
                 )
-            )
             self._consume(conn, lease.run_id, consume, now, new_version)
             for key, value in (publish or {}).items():
                 self._publish(
@@ -433,10 +440,13 @@ class Store:
                 details={"signal": signal, "reason": reason},
             )
 
-    def send_signal(self, run_id: str, name: str, payload: Mapping[str, Any], actor: str) -> None:
+    def send_signal(self, run_id: str, name: str, payload: Mapping[str, Any], actor: str) -> bool:
+        """Record a signal; False (and nothing written) if the same one is already pending."""
         now = utcnow()
         with self._tx() as conn:
             run = self._get(conn, run_id, lock=True)
+            if name in self._pending(conn, run_id):
+                return False
             conn.execute(
                 t.run_signal.insert().values(
                     run_id=run_id, name=name, payload=dict(payload), sent_by=actor, created_at=now
@@ -451,6 +461,7 @@ class Store:
                 token=run.lease_token,
                 details={"signal": name, **payload},
             )
+        return True
 
     @retried
     def journal_write(

@@ -31,6 +31,8 @@ class Advance:
     release: tuple[str, ...] = ()
     consume: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    if_held: str | None = None  # the trigger to fire instead when a lock to acquire is held
+    error: Mapping[str, Any] | None = None  # why the run ends unsuccessfully (e.g. refused)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,9 @@ class Workflow:
     """A workflow definition. The engine adds, for every state with a step:
 
     - `fail`: state → `failed` (a step raised StepFailed or gave up retrying);
-    - `retry:<State>`: `failed` → State (resume from the step that failed).
+    - `retry:<State>`: `failed` → State (resume from the step that failed);
+    - `release`: every unfinished state → `abandoned`, when the workflow has one: an operator
+      gives up on a run that cannot finish, leaving things as they are.
     An operator's `abort` signal is turned into a trigger by `on_abort(run)`; None means the
     run cannot be aborted in its current state.
     """
@@ -63,6 +67,19 @@ class Workflow:
     steps: Mapping[str, Step]
     signals: frozenset[str] = frozenset()
     on_abort: Callable[[Run], str | None] = field(default=lambda _run: None)
+    abandoned: str | None = None
+
+    def ahead(self, state: str) -> frozenset[str]:
+        """The states a run in `state` can still reach by its declared transitions (itself
+        included): `--until` must name one of them."""
+        seen, todo = {state}, [state]
+        while todo:
+            here = todo.pop()
+            for t in self.transitions:
+                if t.source == here and t.dest not in seen:
+                    seen.add(t.dest)
+                    todo.append(t.dest)
+        return frozenset(seen)
 
     def __post_init__(self) -> None:
         missing = [

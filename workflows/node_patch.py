@@ -21,12 +21,26 @@ from workflows.patchers.base import Patcher
 PREFLIGHT, DRAINING, PATCHING = "Preflight", "Draining", "Patching"
 ENABLING, REBALANCING = "Enabling", "Rebalancing"
 DONE, FAILED, ABORTED = "Done", "Failed", "Aborted"
-STATES = (PREFLIGHT, DRAINING, PATCHING, ENABLING, REBALANCING, DONE, FAILED, ABORTED)
+REFUSED, ABANDONED = "Refused", "Abandoned"
+STATES = (
+    PREFLIGHT,
+    DRAINING,
+    PATCHING,
+    ENABLING,
+    REBALANCING,
+    DONE,
+    FAILED,
+    ABORTED,
+    REFUSED,
+    ABANDONED,
+)
+FINAL = frozenset({DONE, ABORTED, REFUSED, ABANDONED})
 PATCHED = "patched"
 EXTERNAL = "external"
 
 TRANSITIONS = (
     Transition("drain", PREFLIGHT, DRAINING),
+    Transition("refuse", PREFLIGHT, REFUSED),
     Transition("patch", DRAINING, PATCHING),
     Transition("patched", PATCHING, ENABLING),
     Transition("enabled", ENABLING, REBALANCING),
@@ -103,7 +117,7 @@ class NodePatch:
             states=STATES,
             initial=PREFLIGHT,
             failed=FAILED,
-            final=frozenset({DONE, ABORTED}),
+            final=FINAL,
             transitions=TRANSITIONS,
             steps={
                 PREFLIGHT: self.preflight,
@@ -114,6 +128,7 @@ class NodePatch:
             },
             signals=frozenset({PATCHED}),
             on_abort=on_abort,
+            abandoned=ABANDONED,
         )
 
     # ---- Preflight ---------------------------------------------------------------------
@@ -131,13 +146,10 @@ class NodePatch:
         )
         snapshot = result.to_json()
         ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")
-        if not result.ok:
-            return Advance(
-                "fail",
-                publish={"snapshot": snapshot},
-                details={"reason": "; ".join(result.problems)},
-            )
-        return Advance("drain", publish={"snapshot": snapshot}, acquire=(lock,))
+        if not result.ok:  # nothing was touched: the run ends, and blocks nothing
+            reason = {"reason": "; ".join(result.problems)}
+            return Advance("refuse", publish={"snapshot": snapshot}, details=reason, error=reason)
+        return Advance("drain", publish={"snapshot": snapshot}, acquire=(lock,), if_held="refuse")
 
     # ---- Draining ----------------------------------------------------------------------
 
@@ -219,7 +231,14 @@ class NodePatch:
                 str(planning.Action.LIVE_MIGRATE),
             )
             specs.append(self._move_spec(vm.id, _target(inventory, p.node, planned), vm.name))
-        self._all_ok(ctx, specs, 1, f"after the failed drain ({outcome.message})")
+        outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=1)
+        failed = [o.message for o in outcomes.values() if not o.ok]
+        if failed:
+            other = [m for m in failed if m not in outcome.message]
+            raise errors.StepFailed(
+                f"could not drain {p.node}: {outcome.message}; moving its VMs one by one "
+                + (f"failed too: {'; '.join(other)}" if other else "met the same error")
+            )
         second = self._host_job(ctx, "enter_maintenance", p.node, "draining", again=True)
         if not second.ok:
             raise errors.StepFailed(f"could not put {p.node} in maintenance: {second.message}")
@@ -279,7 +298,7 @@ class NodePatch:
             if not said:
                 ctx.progress(f"waiting for {p.node} to respond ({host.state})")
                 said = True
-            ctx.wait()
+            ctx.wait(on=f"waiting for {p.node} to respond; it is {host.state}")
 
     # ---- Rebalancing -------------------------------------------------------------------
 
@@ -409,7 +428,8 @@ class NodePatch:
 
     def _all_ok(self, ctx: StepContext, specs: list[JobSpec], concurrency: int, when: str) -> None:
         outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=concurrency)
-        failed = [f"{name}: {o.message}" for name, o in outcomes.items() if not o.ok]
+        failed = [f"{s.label or s.name}: {outcomes[s.name].message}" for s in specs]
+        failed = [f for s, f in zip(specs, failed, strict=True) if not outcomes[s.name].ok]
         if failed:
             raise errors.StepFailed(f"failed {when}: " + "; ".join(failed))
 
@@ -453,6 +473,9 @@ def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str
     vm = inventory.vm(planned.id)
     if vm is None:
         raise errors.StepFailed(f"VM {planned.name!r} ({planned.id}) disappeared")
+    action = planning.Action(planned.action)
+    if planned.target and planning.fits(inventory, planned.target, vm, action):
+        return planned.target  # the plan's target, while it still has room
     targets, problems = planning.place(inventory, node, [(vm, planning.Action(planned.action))])
     if problems:
         raise errors.StepFailed("; ".join(problems))

@@ -124,7 +124,10 @@ def make_plan(
         )
     problems: list[str] = []
     if lock_holder:
-        problems.append(f"cluster {inventory.cluster} is held by nodepatch run {lock_holder}")
+        problems.append(
+            f"cluster {inventory.cluster} is held by nodepatch run {lock_holder}: wait for it "
+            f"to end, or `nodepatch abort {lock_holder}`"
+        )
     problems += _cluster_problems(inventory, host.name)
     planned = [(vm, classify(vm, policies)) for vm in inventory.vms_on(host.name)]
     blocked = [vm for vm, action in planned if action is Action.BLOCKED]
@@ -132,6 +135,7 @@ def make_plan(
         problems.append(
             "running non-HA VMs would be saved by maintenance mode (policy non_ha=block): "
             + ", ".join(_label(vm) for vm in blocked)
+            + "; say what to do with them: --non-ha save|shutdown|migrate"
         )
     targets, capacity = place(inventory, host.name, [(vm, a) for vm, a in planned])
     problems += capacity
@@ -190,6 +194,15 @@ def place(
         free[best] -= needs
         targets[vm.id] = best
     return targets, problems
+
+
+def fits(inventory: Inventory, host: str, vm: Vm, action: Action) -> bool:
+    """Whether `host` can take the VM now: up, not in maintenance, enough free memory."""
+    found = inventory.host(host)
+    if found is None or found.state is not HostState.UP or found.maintenance:
+        return False
+    needs = vm.memory_mb if action is not Action.EVACUATE else 0
+    return inventory.free_memory_mb(found.name) >= needs
 
 
 def _label(vm: Vm) -> str:

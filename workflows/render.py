@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.model import Event, Run
+from engine.model import Event, JournalEntry, Run, utcnow
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -33,11 +34,21 @@ def plan_table(snapshot: Mapping[str, Any]) -> str:
             vm["state"],
             vm["memory_mb"],
             vm["action"],
-            vm.get("target") or "",
+            _estimated(vm) if vm["action"] == LIVE_MIGRATE else vm.get("target") or "",
         )
         for vm in snapshot["vms"]
     ]
-    return table(("VM", "ID", "HA", "STATE", "MEMORY_MB", "ACTION", "TARGET"), rows)
+    text = table(("VM", "ID", "HA", "STATE", "MEMORY_MB", "ACTION", "TARGET"), rows)
+    if any(vm["action"] == LIVE_MIGRATE for vm in snapshot["vms"]):
+        text += "\n~ the cluster picks live-migration targets itself: the capacity check's estimate"
+    return text
+
+
+LIVE_MIGRATE = "live-migrate"
+
+
+def _estimated(vm: Mapping[str, Any]) -> str:
+    return f"~{vm['target']}" if vm.get("target") else ""
 
 
 def vm_report(published: Mapping[str, Any]) -> str | None:
@@ -47,20 +58,139 @@ def vm_report(published: Mapping[str, Any]) -> str | None:
         snapshot = published.get("snapshot")
         if not snapshot:
             return None
-        drained = published.get("drained", {})
-        report = [
-            {
-                "name": vm["name"],
-                "id": vm["id"],
-                "from": vm["host"],
-                "to": drained.get(vm["id"], {}).get("host", vm.get("target") or vm["host"]),
-                "action": vm["action"],
-                "outcome": "planned" if not drained else "drained",
-            }
-            for vm in snapshot["vms"]
-        ]
+        drained = published.get("drained")
+        report = [_before_rebalance(vm, drained) for vm in snapshot["vms"]]
     rows = [(r["name"], r["id"], r["from"], r["to"], r["action"], r["outcome"]) for r in report]
     return table(("VM", "ID", "FROM", "TO", "ACTION", "OUTCOME"), rows)
+
+
+def _before_rebalance(vm: Mapping[str, Any], drained: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A VM's row before the move back: planned (`~` marks the cluster's own choice, only
+    estimated), or where the drain left it, even a drain that failed half-way."""
+    row = {"name": vm["name"], "id": vm["id"], "from": vm["host"], "action": vm["action"]}
+    if drained is None:
+        target = vm.get("target")
+        live = vm["action"] == LIVE_MIGRATE and target
+        return row | {"to": f"~{target}" if live else (target or vm["host"]), "outcome": "planned"}
+    left = drained.get(vm["id"])
+    if left is None:
+        return row | {"to": "?", "outcome": "not moved by this run"}
+    moved = left["host"].lower() != vm["host"].lower()
+    outcome = f"moved, {left['state']}" if moved else f"on the node, {left['state']}"
+    return row | {"to": left["host"], "outcome": outcome}
+
+
+def warnings(published: Mapping[str, Any]) -> list[str]:
+    """The VMs a finished run did not put back as they were, one line each."""
+    return [
+        f"{r['name']!r} ({r['id']}): {r['outcome']}"
+        for r in published.get("rebalance", [])
+        if r["outcome"].startswith("skipped")
+        or r["outcome"] == "deleted during the run"
+        or "by someone else" in r["outcome"]
+    ]
+
+
+def left_as_is(left: Mapping[str, Any]) -> str:
+    if "cluster_read" in left:
+        return f"node {left['node']}: the cluster could not be read ({left['cluster_read']})"
+    where = "in maintenance" if left.get("maintenance") else "not in maintenance"
+    lines = [f"left as is: node {left['node']} is {left['node_state']}, {where}"]
+    rows = [(v["name"], v["id"], v["from"], v["host"] or "-", v["state"]) for v in left["vms"]]
+    if rows:
+        lines.append(table(("VM", "ID", "FROM", "NOW ON", "STATE"), rows))
+    return "\n".join(lines)
+
+
+def lease(run: Run, now: dt.datetime) -> dict[str, Any]:
+    """Who holds the run and whether that process is alive (its heartbeat renews the lease)."""
+    live = run.lease_live(now)
+    return {
+        "holder": run.lease_owner,
+        "live": live,
+        "heartbeat_age_s": _age(now, run.heartbeat_at),
+        "expires_in_s": round((run.lease_expires_at - now).total_seconds(), 1)
+        if run.lease_expires_at
+        else None,
+    }
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return round((now - then).total_seconds(), 1) if then else None
+
+
+def lease_line(run: Run, now: dt.datetime, final: bool) -> str:
+    info = lease(run, now)
+    if final:
+        return "finished: no process holds it"
+    if info["live"]:
+        return (
+            f"held by {info['holder']} (heartbeat {info['heartbeat_age_s']:g} s ago, "
+            f"lease for {info['expires_in_s']:g} s more)"
+        )
+    gone = f" (last holder {info['holder']}, lease expired)" if info["holder"] else ""
+    return f"no live process holds it{gone}: continue with `nodepatch resume {run.id}`"
+
+
+def durations(events: Sequence[Event], now: dt.datetime, final: bool) -> list[dict[str, Any]]:
+    """Each stay in a state: when it was entered and how long the run spent there."""
+    entered = [(e.to_state, e.occurred_at) for e in events if e.kind in ("created", "transition")]
+    out = []
+    for i, (state, at) in enumerate(entered):
+        last = i == len(entered) - 1
+        end = None if last else entered[i + 1][1]
+        if last and final:
+            continue
+        seconds = ((end or now) - at).total_seconds()
+        out.append(
+            {"state": state, "entered": at.isoformat(), "seconds": round(seconds, 1), "now": last}
+        )
+    return out
+
+
+def durations_table(stays: Sequence[Mapping[str, Any]]) -> str:
+    rows = [
+        (
+            s["state"],
+            s["entered"][:19].replace("T", " "),
+            _human(s["seconds"]) + (" so far" if s["now"] else ""),
+        )
+        for s in stays
+    ]
+    return table(("STATE", "ENTERED (UTC)", "FOR"), rows)
+
+
+def _human(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def patch_line(published: Mapping[str, Any]) -> str | None:
+    patch = published.get("patch")
+    if not patch:
+        return None
+    kbs = patch.get("kbs") or "none reported"
+    reboot = patch.get("reboot")
+    rebooted = "" if reboot is None else f"; reboot: {reboot}"
+    return f"patched with {patch.get('patcher')}: updates {kbs}{rebooted}"
+
+
+def journal_table(entries: Sequence[JournalEntry]) -> str:
+    rows = [
+        (
+            f"{e.created_at:%H:%M:%S}" if e.created_at else "",
+            f"{e.updated_at:%H:%M:%S}" if e.updated_at else "",
+            e.step_key,
+            e.attempt,
+            e.status,
+            e.external_ref or "",
+            (e.result or {}).get("message", ""),
+        )
+        for e in entries
+    ]
+    return table(("STARTED", "UPDATED", "JOB", "TRY", "STATUS", "REFERENCE", "MESSAGE"), rows)
 
 
 def run_summary(run: Run) -> str:
@@ -69,6 +199,8 @@ def run_summary(run: Run) -> str:
         lines.append(f"waiting for signal {run.waiting_for!r}")
     if run.error:
         lines.append(f"error: {run.error.get('reason')} (in {run.error.get('state')})")
+    if run.state == "Refused":
+        lines.append("refused before anything was touched; it blocks nothing")
     return "\n".join(lines)
 
 
@@ -122,5 +254,7 @@ def run_json(run: Run, published: Mapping[str, Any], stopped: str | None = None)
         "created_at": run.created_at.isoformat(),
         "created_by": run.created_by,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "lease": lease(run, utcnow()),
+        "warnings": warnings(published),
         "published": dict(published),
     }

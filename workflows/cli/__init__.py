@@ -1,6 +1,6 @@
-"""The `nodepatch` command line. Exit codes: 0 Done, 1 Failed, 2 usage/configuration/input
-error, 3 stopped before the end (--until or waiting for a signal), 4 busy (another live process
-holds the run)."""
+"""The `nodepatch` command line. Exit codes: 0 Done, 1 Failed or Refused, 2 usage/configuration/
+input error, 3 stopped before the end (--until, waiting for a signal, interrupted), 4 busy
+(another live process holds the run), 5 Done (or Aborted) with VMs not put back."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import click
 from engine import errors
 from workflows import settings
 from workflows.app import App
-from workflows.cli.common import EXIT_BUSY, EXIT_FAILED, EXIT_USAGE
+from workflows.cli.common import EXIT_BUSY, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
+from workflows.cli.interrupts import StopNow
 
 log = logging.getLogger("nodepatch")
 
@@ -31,6 +32,13 @@ class Cli(click.Group):
             return super().main(*args, **kwargs)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except StopNow as exc:
+            click.echo(
+                f"nodepatch: stopped at once; run {exc.run_id} is left as it was at its last "
+                f"durable point: continue with `nodepatch resume {exc.run_id}`",
+                err=True,
+            )
+            sys.exit(EXIT_STOPPED)
         except click.Abort:
             _die("interrupted", EXIT_FAILED)
         except click.ClickException as exc:
@@ -139,6 +147,7 @@ for command in (
     runs.resume_cmd,
     runs.signal_cmd,
     runs.abort_cmd,
+    runs.release_cmd,
     inspect.status_cmd,
     inspect.runs_cmd,
     inspect.history_cmd,

@@ -12,7 +12,7 @@ from workflows.app import App
 from workflows.backends.base import Inventory
 from workflows.node_patch import STATES
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY = 0, 1, 2, 3, 4
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY, EXIT_WARNINGS = 0, 1, 2, 3, 4, 5
 
 pass_app = click.make_pass_decorator(App)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

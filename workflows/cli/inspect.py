@@ -7,6 +7,7 @@ import sys
 import click
 
 from engine import db
+from engine.model import utcnow
 from workflows import render
 from workflows.app import App
 from workflows.cli.common import (
@@ -16,7 +17,7 @@ from workflows.cli.common import (
     json_option,
     pass_app,
 )
-from workflows.node_patch import STATES
+from workflows.node_patch import FINAL, STATES
 
 # ---- database ----------------------------------------------------------------------------
 
@@ -50,12 +51,17 @@ def db_upgrade(app: App) -> None:
 @json_option
 @pass_app
 def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
-    """Show RUN: state, error, published data and the per-VM table."""
+    """Show RUN: state, who holds it, time per state, the per-VM table and the journal."""
     run = app.store.resolve(run_ref)
     published = app.store.published(run.id)
+    now = utcnow()
+    final = run.state in FINAL
+    stays = render.durations(app.store.events(run.id), now, final)
+    journal = app.store.journal_entries(run.id)
     if as_json:
         doc = render.run_json(run, published)
         doc["locks"] = app.store.locks(run.id)
+        doc["durations"] = stays
         doc["journal"] = [
             {
                 "key": e.step_key,
@@ -63,18 +69,29 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
                 "status": e.status,
                 "external_ref": e.external_ref,
                 "result": e.result,
+                "started_at": e.created_at.isoformat() if e.created_at else None,
+                "updated_at": e.updated_at.isoformat() if e.updated_at else None,
             }
-            for e in app.store.journal_entries(run.id)
+            for e in journal
         ]
         emit(doc)
         return
     click.echo(render.run_summary(run))
+    click.echo(render.lease_line(run, now, final))
     locks = app.store.locks(run.id)
     if locks:
         click.echo(f"holds: {', '.join(locks)}")
+    click.echo(render.durations_table(stays))
+    patched = render.patch_line(published)
+    if patched:
+        click.echo(patched)
     table = render.vm_report(published)
     if table:
         click.echo(table)
+    for line in render.warnings(published):
+        click.echo(f"not put back: {line}")
+    if journal:
+        click.echo(render.journal_table(journal))
 
 
 @click.command("runs")
@@ -116,6 +133,10 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
     else:
         click.echo(render.run_summary(run))
         click.echo(render.history_table(events))
+        click.echo(render.durations_table(render.durations(events, utcnow(), run.state in FINAL)))
+        patched = render.patch_line(app.store.published(run.id))
+        if patched:
+            click.echo(patched)
 
 
 @click.command("doctor")

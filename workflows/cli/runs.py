@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from engine import errors
-from engine.runner import Stop
+from engine.model import Run, utcnow
+from engine.runner import Runner, Stop
 from workflows import plan as planning
 from workflows import render
 from workflows.app import App
@@ -17,13 +19,15 @@ from workflows.cli.common import (
     EXIT_DONE,
     EXIT_FAILED,
     EXIT_STOPPED,
+    EXIT_WARNINGS,
     emit,
     inventory,
     json_option,
     pass_app,
     until_option,
 )
-from workflows.node_patch import ABORTED, DONE, EXTERNAL, NodePatch, Params, subject
+from workflows.cli.interrupts import graceful
+from workflows.node_patch import ABORTED, DONE, EXTERNAL, Params, subject
 
 # ---- planning and running ----------------------------------------------------------------
 
@@ -116,6 +120,17 @@ def start_cmd(
         known = ", ".join(h.name for h in found.hosts)
         raise errors.UsageError(f"node {node!r} is not in cluster {cluster!r} (nodes: {known})")
     params = Params(found.cluster, host.name, params.policies, params.patcher, params.concurrency)
+    _refuse_if_active(app, params)
+    if params.patcher != EXTERNAL:
+        app.patcher(params.patcher, params.cluster)  # invalid patcher settings: refuse now
+    runner = app.runner()
+    run = runner.create(subject(params.cluster, params.node), params.to_json())
+    if not as_json:
+        click.echo(f"run {run.id} started for {run.subject}")
+    _drive(app, runner, run.id, as_json, until=until)
+
+
+def _refuse_if_active(app: App, params: Params) -> None:
     active = [
         r
         for r in app.store.runs(
@@ -123,18 +138,19 @@ def start_cmd(
         )
         if r.params.get("node") == params.node
     ]
-    if active:
-        raise errors.UsageError(
-            f"node {params.node} already has run {active[0].id} ({active[0].state}); "
-            f"use `nodepatch resume {active[0].id}` or `nodepatch abort {active[0].id}`"
+    if not active:
+        return
+    run = active[0]
+    if run.lease_live(utcnow()):
+        raise errors.Busy(
+            f"node {params.node} is being patched by run {run.id} ({run.state}), held by "
+            f"{run.lease_owner}"
         )
-    if params.patcher != EXTERNAL:
-        app.patcher(params.patcher, params.cluster)  # invalid patcher settings: refuse now
-    runner = app.runner()
-    run = runner.create(subject(params.cluster, params.node), params.to_json())
-    if not as_json:
-        click.echo(f"run {run.id} started for {run.subject}")
-    _finish(app, runner.drive(run.id, until=until), as_json)
+    raise errors.UsageError(
+        f"node {params.node} already has run {run.id} ({run.state}); "
+        f"use `nodepatch resume {run.id}`, `nodepatch abort {run.id}` or "
+        f"`nodepatch release {run.id} --reason TEXT`"
+    )
 
 
 @click.command("resume")
@@ -145,7 +161,7 @@ def start_cmd(
 def resume_cmd(app: App, run_ref: str, until: str | None, as_json: bool) -> None:
     """Continue RUN where it stopped; a Failed run retries its failed step."""
     run = app.store.resolve(run_ref)
-    _finish(app, app.runner().drive(run.id, until=until, retry=True), as_json)
+    _drive(app, app.runner(), run.id, as_json, until=until, retry=True)
 
 
 @click.command("signal")
@@ -155,34 +171,121 @@ def resume_cmd(app: App, run_ref: str, until: str | None, as_json: bool) -> None
 def signal_cmd(app: App, run_ref: str, name: str) -> None:
     """Send signal NAME (patched, abort) to RUN. It is consumed exactly once."""
     run = app.store.resolve(run_ref)
-    signals = NodePatch(app.backend, app.patcher).workflow().signals | {"abort"}
-    if name not in signals:
-        raise errors.UsageError(
-            f"unknown signal {name!r}; expected one of {', '.join(sorted(signals))}"
-        )
-    app.runner().signal(run.id, name)
-    click.echo(f"signal {name!r} recorded for run {run.id}")
+    if app.runner().signal(run.id, name):
+        click.echo(f"signal {name!r} recorded for run {run.id}")
+    else:
+        click.echo(f"signal {name!r} is already pending for run {run.id}; nothing recorded")
 
 
 @click.command("abort")
 @click.argument("run_ref", metavar="RUN")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=900.0,
+    show_default=True,
+    help="Seconds to drive the compensation before leaving it to `resume`.",
+)
 @json_option
 @pass_app
-def abort_cmd(app: App, run_ref: str, as_json: bool) -> None:
+def abort_cmd(app: App, run_ref: str, wait_s: float, as_json: bool) -> None:
     """Abort RUN with a durable compensation: node out of maintenance, VMs back, power
-    states restored. Exit 0 when the run ends Aborted."""
+    states restored. Exit 0 when the run ends Aborted; 3 if the compensation is still going
+    after --wait seconds (it goes on with `resume`)."""
     run = app.store.resolve(run_ref)
     runner = app.runner()
-    runner.signal(run.id, "abort")
+    if not runner.signal(run.id, "abort"):
+        click.echo(f"abort was already recorded for run {run.id}", err=True)
+    app.progress = _always(app.progress)  # an abort reports what it does, terminal or not
+    runner.progress = app.progress
+    timer = threading.Timer(wait_s, runner.stop_requested.set)
+    timer.daemon = True
+    timer.start()
     try:
-        stop = runner.drive(run.id)
+        _drive(app, runner, run.id, as_json, bound=(timer, wait_s))
     except errors.Busy as exc:
         raise errors.Busy(f"abort recorded, but {exc}; it aborts at its next step") from exc
-    _finish(app, stop, as_json, ok_states=(DONE, ABORTED))
+    finally:
+        timer.cancel()
 
 
-def _finish(app: App, stop: Stop, as_json: bool, ok_states: tuple[str, ...] = (DONE,)) -> None:
+@click.command("release")
+@click.argument("run_ref", metavar="RUN")
+@click.option("--reason", required=True, help="Why the run is given up (kept in the audit trail).")
+@json_option
+@pass_app
+def release_cmd(app: App, run_ref: str, reason: str, as_json: bool) -> None:
+    """Give up on RUN when it cannot finish (a node that never comes back): it ends Abandoned,
+    its cluster lock is released, and the node and VMs are left as they are, listed."""
+    run = app.store.resolve(run_ref)
+    left = _left_as_is(app, run)
+    released = app.runner().release(run.id, reason, {"released": left})
+    published = app.store.published(run.id)
+    if as_json:
+        emit(render.run_json(released, published, "final"))
+        return
+    click.echo(render.run_summary(released))
+    click.echo(render.left_as_is(left))
+
+
+def _left_as_is(app: App, run: Run) -> dict[str, Any]:
+    """Where the run's node and VMs are now, as far as the cluster can tell."""
+    snapshot = app.store.published(run.id).get("snapshot", {"vms": []})
+    node = run.params.get("node")
+    try:
+        found = app.backend.inventory(str(run.params.get("cluster")))
+    except errors.EngineError as exc:
+        return {"node": node, "cluster_read": f"failed: {exc}", "vms": []}
+    host = found.host(str(node))
+    vms = []
+    for planned in snapshot["vms"]:
+        vm = found.vm(planned["id"])
+        vms.append(
+            {
+                "id": planned["id"],
+                "name": planned["name"],
+                "from": planned["host"],
+                "host": vm.host if vm else None,
+                "state": str(vm.state) if vm else "deleted",
+            }
+        )
+    return {
+        "node": node,
+        "node_state": str(host.state) if host else "not in the cluster",
+        "maintenance": host.maintenance if host else None,
+        "vms": vms,
+    }
+
+
+def _always(sink: Callable[[str], None]) -> Callable[[str], None]:
+    def echo(message: str) -> None:
+        sink(message)
+        if not sys.stderr.isatty():  # the sink itself prints on a terminal
+            click.echo(f"  {message}", err=True)
+
+    return echo
+
+
+def _drive(
+    app: App,
+    runner: Runner,
+    run_id: str,
+    as_json: bool,
+    *,
+    until: str | None = None,
+    retry: bool = False,
+    bound: tuple[threading.Timer, float] | None = None,
+) -> None:
+    with graceful(runner.stop_requested, run_id):
+        stop = runner.drive(run_id, until=until, retry=retry)
+    timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
+    _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
+
+
+def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) -> None:
     published = app.store.published(stop.run.id)
+    warnings = render.warnings(published) if stop.run.state in (DONE, ABORTED) else []
     if as_json:
         emit(render.run_json(stop.run, published, stop.reason))
     else:
@@ -190,10 +293,32 @@ def _finish(app: App, stop: Stop, as_json: bool, ok_states: tuple[str, ...] = (D
         table = render.vm_report(published)
         if table and stop.reason in ("final", "failed"):
             click.echo(table)
+        if warnings:
+            click.echo(f"{stop.run.state}, but {len(warnings)} VM(s) were not put back:")
+            for line in warnings:
+                click.echo(f"  {line}")
         if stop.reason == "until":
             click.echo(
                 f"stopped before {stop.run.state}; continue with `nodepatch resume {stop.run.id}`"
             )
-    if stop.reason in ("until", "waiting"):
+    if stop.reason == "interrupted":
+        what = (
+            f"the compensation did not finish within {bound:g} s"
+            if bound is not None
+            else "stopped as asked"
+        )
+        click.echo(
+            f"{what}; run {stop.run.id} is in {stop.run.state}: continue with "
+            f"`nodepatch resume {stop.run.id}`"
+            + (
+                f", or if it cannot finish: `nodepatch release {stop.run.id} --reason TEXT`"
+                if bound is not None
+                else ""
+            ),
+            err=True,
+        )
+    if stop.reason in ("until", "waiting", "interrupted"):
         sys.exit(EXIT_STOPPED)
-    sys.exit(EXIT_DONE if stop.run.state in ok_states else EXIT_FAILED)
+    if stop.run.state in (DONE, ABORTED):
+        sys.exit(EXIT_WARNINGS if warnings else EXIT_DONE)
+    sys.exit(EXIT_FAILED)
