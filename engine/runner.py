@@ -249,9 +249,17 @@ class Runner:
                     self.settings.retry_backoff_max_s,
                 )
                 self.progress(f"{run.state}: {exc}; retrying in {delay:g}s")
-                self.sleep(delay)
+                self._pause(delay)
             except errors.StepFailed as exc:
                 return _failure(str(exc))
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep before a retry, in short naps so that a stop request is honoured at once."""
+        end = time.monotonic() + seconds
+        while not self.stop_requested.is_set() and (left := end - time.monotonic()) > 0:
+            self.sleep(min(left, 0.5))
+        if self.stop_requested.is_set():
+            raise errors.Interrupted("stopped as asked while waiting to retry")
 
     def _fire(self, lease: Lease, run: Run, outcome: Advance) -> None:
         if outcome.trigger == "fail":

@@ -136,7 +136,7 @@ def test_second_node_of_a_cluster_started_at_the_same_time_is_refused_untouched(
     (winner,) = {"hv1", "hv2"} - {loser}
     assert results[winner].code == 0, results[winner].err
     refused = results[loser].json()
-    assert refused["state"] == "Failed"
+    assert refused["state"] == "Refused"
     assert refused["error"]["state"] == "Preflight"
     assert results[winner].json()["run_id"] in refused["error"]["reason"]
     ops = d.operations(sim.counts())
