@@ -285,7 +285,8 @@ def test_the_readme_scenario_loads_and_its_faults_fire(tmp_path: Path) -> None:
     write(tmp_path / "scenario.yaml", readme_block(SCENARIOS, "yaml"))
     for line in readme_block(SCENARIOS, "sh").splitlines():
         result = suggested(tmp_path, line.split("  #")[0])
-        assert result.code == 0, (line, result.err)
+        expected = int(line.rsplit("# exit ", 1)[1]) if "# exit " in line else 0
+        assert result.code == expected, (line, result.err)
     shown = nodepatch(tmp_path, "sim", "show", "--file", "cluster.json", "--json").json()
     vms = {v["name"]: v for v in shown["vms"]}
     assert vms["web01"]["host"] == "hv03"  # moved by "someone else" during the patch

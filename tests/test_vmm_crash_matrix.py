@@ -10,6 +10,7 @@ once (Disable-SCVMHost, each Move-SCVirtualMachine, each power action).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,13 +51,17 @@ class VmmCli(Cli):
         return super().__call__(*args, env=base | (env or {}), timeout=timeout)
 
 
+_ALEMBIC = threading.Lock()
+
+
 @contextmanager
 def vmm_case(root: Path, db_url: str) -> Iterator[tuple[VmmCli, Rig]]:
     """A fresh database and simulated cluster behind its own stand-in, and a CLI for them."""
     root.mkdir(parents=True)
-    engine = db.connect(db_url, create=True)
-    db.upgrade(engine)
-    engine.dispose()
+    with _ALEMBIC:  # alembic's environment is module-global: one migration at a time
+        engine = db.connect(db_url, create=True)
+        db.upgrade(engine)
+        engine.dispose()
     sim = SimulatedCluster.create(root / "sim.json", d.scenario(*VMS))
     standin, world = build(sim, password=PASSWORD)
     rig = Rig(sim, sim.path, standin, world)
