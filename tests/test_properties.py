@@ -252,15 +252,20 @@ POLICIES = st.builds(
 
 def compete(w: World) -> None:
     """Another run on another node of the same cluster, while this run holds it: refused in
-    Preflight, its node and VMs untouched, holding nothing."""
+    Preflight (or failed there on a fault, then aborted), its node and VMs untouched, holding
+    nothing."""
     if w.store.locks(w.run_id) == []:
         return
     before = d.operations(w.sim.counts())
     other = w.create("hv2")
     w.drive(other)
-    assert w.state(other) == "Refused"
+    assert w.state(other) in ("Refused", "Failed")  # Failed: a fault met in its Preflight
     assert w.store.get(other).failed_from == "Preflight"
     assert d.operations(w.sim.counts()) == before
+    if w.state(other) == "Failed":
+        w.runner.signal(other, "abort")
+        w.drive(other)
+        assert w.state(other) == "Aborted"
     assert w.store.locks(other) == []
 
 
