@@ -8,13 +8,14 @@ lease (kept alive by the runner's heartbeat) and the step's deadline.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine import crashpoints, errors
-from engine.model import JournalEntry, Lease, Run
+from engine.model import JournalEntry, Lease, Run, utcnow
 from engine.store import Store
 
 
@@ -75,8 +76,10 @@ class StepContext:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     stopping: Callable[[], bool] = lambda: False
+    now: Callable[[], dt.datetime] = utcnow
     timeout_s: float = 0.0
     waiting_on: str = ""  # what the step is waiting for, named if it times out
+    initial_states: Callable[[str, int], str] = lambda _name, _version: ""
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
@@ -102,6 +105,62 @@ class StepContext:
             self.waiting_on = on
         self.check()
         self.sleep(self.poll_interval if seconds is None else seconds)
+
+    def lock_holder(self, resource: str) -> str | None:
+        """The run holding `resource`, unless it is this run or its root."""
+        return self.store.family_lock_holder(self.run, resource)
+
+    # ---- durable timers ------------------------------------------------------------------
+
+    def timer(self, name: str, seconds: float) -> dt.datetime:
+        """When timer `name` of this entry into the state fires: journaled the first time it is
+        asked for, so a resumed step waits for the same moment, not for `seconds` more."""
+        key = self.key(f"timer:{name}")
+        entry = self.store.journal(self.run.id, key)
+        if entry and entry.result and "until" in entry.result:
+            return dt.datetime.fromisoformat(str(entry.result["until"]))
+        until = self.now() + dt.timedelta(seconds=seconds)
+        self._journal(key, 1, "succeeded", result={"until": until.isoformat()})
+        return until
+
+    # ---- child runs ----------------------------------------------------------------------
+
+    def start_child(
+        self,
+        name: str,
+        *,
+        workflow: str,
+        version: int,
+        subject: str,
+        params: Mapping[str, Any],
+    ) -> Run:
+        """Start child run `name` of this run at most once: journaled like any side effect,
+        and found again by its key after a crash between creating it and journaling it."""
+        key = self.key(f"child:{name}")
+        entry = self.store.journal(self.run.id, key)
+        if entry and entry.external_ref:
+            return self.store.get(entry.external_ref)
+        existing = self.store.child(self.run.id, key)
+        if existing is None:
+            self._journal(key, 1, "intent")
+            crashpoints.hit(f"before_submit:child:{name}")
+            existing = self.store.create_run(
+                workflow=workflow,
+                workflow_version=version,
+                subject=subject,
+                state=self.initial_states(workflow, version),
+                params=params,
+                actor=self.guard.lease.owner,
+                parent=self.run,
+                child_key=key,
+                detached=self.run.detached,
+            )
+            crashpoints.hit(f"after_submit:child:{name}")
+        self._journal(key, 1, "submitted", ref=existing.id)
+        return existing
+
+    def child(self, run_id: str) -> Run:
+        return self.store.get(run_id)
 
     def key(self, name: str) -> str:
         """Journal keys are scoped to this entry into the state (its run version)."""

@@ -35,6 +35,7 @@ STATES = (
     ABANDONED,
 )
 FINAL = frozenset({DONE, ABORTED, REFUSED, ABANDONED})
+NODE_PATCH = "node_patch"
 PATCHED = "patched"
 EXTERNAL = "external"
 
@@ -112,7 +113,7 @@ class NodePatch:
 
     def workflow(self) -> Workflow:
         return Workflow(
-            name="node_patch",
+            name=NODE_PATCH,
             version=1,
             states=STATES,
             initial=PREFLIGHT,
