@@ -171,7 +171,8 @@ class Runner:
         if until is not None:
             self._check_until(run, until)
         if lease is None:
-            if not early and run.wake_at and run.wake_at > self.now() and not run.detached:
+            asleep = run.wake_at is not None and run.wake_at > self.now()
+            if asleep and not early and ABORT not in self.store.pending_signals(run_id):
                 return Stop(run, "sleeping")
             lease = self.store.claim(
                 run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
