@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -17,8 +19,9 @@ import sqlalchemy as sa
 
 from engine import audit, crashpoints, db, errors
 from engine import schema as t
-from engine.model import Event, JournalEntry, Lease, Run, utcnow
+from engine.model import Event, JournalEntry, Lease, Run, as_utc, utcnow
 
+log = logging.getLogger("nodepatch.store")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -57,6 +60,15 @@ def _transient(exc: sa.exc.DBAPIError) -> bool:
         return True
     message = str(exc.orig).lower()
     return "locked" in message or "busy" in message
+
+
+CHANNEL = "nodepatch_due"
+
+
+def _notify(conn: sa.Connection, run_id: str) -> None:
+    """On PostgreSQL, tell listening workers (at commit) that a run may have become due."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_notify(CHANNEL, run_id)))
 
 
 def _lease_lost(run: Run) -> errors.LeaseLost:
@@ -278,6 +290,8 @@ class Store:
                     to_state=state,
                     details={"params": dict(params), **family},
                 )
+                if detached:
+                    _notify(conn, run_id)
                 return self._get(conn, run_id)
         except sa.exc.IntegrityError as exc:
             active = self.runs(subject_prefix=subject, active_only=True, limit=20)
@@ -394,6 +408,41 @@ class Store:
                 .where(t.run.c.id == run_id, t.run.c.wake_at > now)
                 .values(wake_at=now)
             )
+            _notify(conn, run_id)
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call `wake` whenever a run may have become due, until `stop` (PostgreSQL LISTEN on
+        its own connection; returns at once on SQLite, where workers poll)."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        while not stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+                try:
+                    pg: Any = raw.driver_connection
+                    pg.autocommit = True
+                    pg.execute(f"LISTEN {CHANNEL}")
+                    while not stop.is_set():
+                        for _ in pg.notifies(timeout=1.0, stop_after=1):
+                            wake()
+                finally:
+                    raw.invalidate()  # never hand a LISTENing connection back to the pool
+            except Exception as exc:  # noqa: BLE001 - a lost connection: poll, then listen again
+                log.warning("listening for wake-ups failed: %s", exc)
+                stop.wait(1.0)
+
+    @retried
+    def next_wake(self, now: dt.datetime) -> dt.datetime | None:
+        """When the next detached run's timer falls due, for a worker to sleep until then."""
+        with self._tx(read_only=True) as conn:
+            found = conn.execute(
+                sa.select(sa.func.min(t.run.c.wake_at)).where(
+                    t.run.c.detached.is_(True),
+                    t.run.c.finished_at.is_(None),
+                    t.run.c.wake_at > now,
+                )
+            ).scalar()
+        return as_utc(found)
 
     @retried
     def set_detached(self, run_id: str, detached: bool) -> None:
@@ -576,6 +625,7 @@ class Store:
                     )
                     .values(wake_at=now)
                 )
+                _notify(conn, run.parent_run_id)
             crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
         return run
@@ -620,6 +670,8 @@ class Store:
                 token=run.lease_token,
                 details={"signal": name, **payload},
             )
+            if run.detached:
+                _notify(conn, run_id)
         return True
 
     @retried
@@ -692,6 +744,7 @@ class Store:
                     run_id=child.id, name=name, payload={}, sent_by=lease.owner, created_at=now
                 )
             )
+            _notify(conn, child.id)
             self._event(
                 conn,
                 child.id,

@@ -45,9 +45,15 @@ class Worker:
         self.store, self.runner_for, self.settings = store, runner_for, settings
         self.owner, self.now = owner, now
         self.stop = threading.Event()
+        self.wakeup = threading.Event()  # set by LISTEN/NOTIFY: something may be due
         self.driven = 0
         self._busy = 0
         self._lock = threading.Lock()
+
+    def request_stop(self) -> None:
+        """No new claims; in-flight runs stop at their next durable point."""
+        self.stop.set()
+        self.wakeup.set()
 
     def run(self, *, until_idle: bool = False, grace_s: float = 30.0) -> None:
         """Drive runs until stopped (or, with `until_idle`, until nothing is due and nothing is
@@ -56,6 +62,11 @@ class Worker:
             threading.Thread(target=self._slot, args=(i, until_idle), name=f"worker-{i}")
             for i in range(max(self.settings.concurrency, 1))
         ]
+        listener = threading.Thread(
+            target=self.store.listen, args=(self.wakeup.set, self.stop), name="worker-listen"
+        )
+        listener.daemon = True
+        listener.start()
         for slot in slots:
             slot.daemon = True
             slot.start()
@@ -83,7 +94,7 @@ class Worker:
             if lease is None:
                 if until_idle and self._idle():
                     return
-                self.stop.wait(self.settings.poll_interval_s)
+                self._nap()
                 continue
             with self._lock:
                 self._busy += 1
@@ -93,6 +104,15 @@ class Worker:
                 with self._lock:
                     self._busy -= 1
                     self.driven += 1
+
+    def _nap(self) -> None:
+        """Wait for a wake-up (PostgreSQL NOTIFY), the next timer, or the poll interval."""
+        timeout = self.settings.poll_interval_s
+        upcoming = self.store.next_wake(self.now())
+        if upcoming is not None:
+            timeout = min(timeout, max((upcoming - self.now()).total_seconds(), 0.01))
+        if self.wakeup.wait(timeout):
+            self.wakeup.clear()
 
     def _idle(self) -> bool:
         with self._lock:

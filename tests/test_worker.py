@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import durability as d
+from tests.conftest import postgres_database
 from tests.clitools import Cli
 from workflows.backends.simulated import SimulatedCluster
 
@@ -166,3 +169,28 @@ def test_a_run_of_an_unknown_workflow_is_refused_and_left_alone(
         assert "'cycle' version 9 is not known" in line, line
     with d.store(db_url) as s:
         assert (s.get(run.id), s.events(run.id)) == before
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_signal_wakes_a_worker_at_once(tmp_path: Path, pg_url: str) -> None:
+    """A worker that looks for due runs only every 60 s still acts on a signal within about a
+    second: PostgreSQL's NOTIFY wakes it (SQLite workers poll, `--poll`)."""
+    db_url = pg_url
+    cli = d.make_cli(tmp_path, db_url, d.config(extra="patcher: {kind: external}\n"))
+    SimulatedCluster.create(cli.sim, fleet(1))
+    run_id = detach(cli, 1)
+    worker = d.spawn(cli, "worker", "--poll", "60")
+    try:
+        d.wait_for(lambda: d.store_get(db_url, run_id).waiting_for == "patched", timeout=30)
+        signalled = time.monotonic()
+        assert cli("signal", run_id, "patched").code == 0
+        d.wait_for(lambda: d.store_get(db_url, run_id).state == "Done", timeout=30)
+        assert time.monotonic() - signalled < 10  # not the 60 s poll
+    finally:
+        os.kill(worker.proc.pid, signal.SIGTERM)
+        assert worker.wait(timeout=30).code == 0

@@ -23,6 +23,14 @@ from workflows.cli.common import EXIT_DONE, pass_app
 )
 @click.option("--until-idle", is_flag=True, help="Exit 0 once nothing is due or in flight.")
 @click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between looks for due runs (PostgreSQL also wakes workers at once).",
+)
+@click.option(
     "--grace",
     "grace_s",
     type=click.FloatRange(min=0),
@@ -31,20 +39,20 @@ from workflows.cli.common import EXIT_DONE, pass_app
     help="Seconds SIGTERM/SIGINT waits for in-flight runs to reach a durable point.",
 )
 @pass_app
-def worker_cmd(app: App, concurrency: int, until_idle: bool, grace_s: float) -> None:
+def worker_cmd(app: App, concurrency: int, until_idle: bool, poll_s: float, grace_s: float) -> None:
     """Claim due runs (started with --detach, woken by a signal or a timer) and drive each to its
     next stop. Run one or more per site; several workers share one PostgreSQL database."""
     settings = WorkerSettings(
         concurrency=concurrency,
         lease_ttl_s=app.settings.runner.lease_ttl_s,
-        poll_interval_s=app.settings.runner.poll_interval_s,
+        poll_interval_s=poll_s,
     )
     worker = Worker(app.store, app.runner_for, settings, owner=actor())
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         if worker.stop.is_set():
             sys.exit(EXIT_DONE)  # a second signal: leave at once; leases expire by themselves
-        worker.stop.set()
+        worker.request_stop()
         click.echo(
             f"nodepatch worker: {signal.Signals(signum).name}: no new runs; in-flight runs stop "
             f"at their next durable point (at most {grace_s:g} s)",
