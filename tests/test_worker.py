@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests import durability as d
-from tests.conftest import postgres_database
 from tests.clitools import Cli
+from tests.conftest import postgres_database
 from workflows.backends.simulated import SimulatedCluster
 
 pytestmark = pytest.mark.slow
