@@ -66,7 +66,7 @@ class LeaseGuard(Protocol):
 
 @dataclass
 class StepContext:
-    store: Store
+    _store: Store
     run: Run
     guard: LeaseGuard
     deadline: float
@@ -85,7 +85,7 @@ class StepContext:
         self.progress_sink(message)
 
     def signal_pending(self, name: str) -> bool:
-        return name in self.store.pending_signals(self.run.id)
+        return name in self._store.pending_signals(self.run.id)
 
     def check(self) -> None:
         """Raise if the lease is lost, a stop was asked for (every side effect so far is
@@ -108,7 +108,7 @@ class StepContext:
 
     def lock_holder(self, resource: str) -> str | None:
         """The run holding `resource`, unless it is this run or its root."""
-        return self.store.family_lock_holder(self.run, resource)
+        return self._store.family_lock_holder(self.run, resource)
 
     # ---- durable timers ------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ class StepContext:
         """When timer `name` of this entry into the state fires: journaled the first time it is
         asked for, so a resumed step waits for the same moment, not for `seconds` more."""
         key = self.key(f"timer:{name}")
-        entry = self.store.journal(self.run.id, key)
+        entry = self._store.journal(self.run.id, key)
         if entry and entry.result and "until" in entry.result:
             return dt.datetime.fromisoformat(str(entry.result["until"]))
         until = self.now() + dt.timedelta(seconds=seconds)
@@ -137,14 +137,14 @@ class StepContext:
         """Start child run `name` of this run at most once: journaled like any side effect,
         and found again by its key after a crash between creating it and journaling it."""
         key = self.key(f"child:{name}")
-        entry = self.store.journal(self.run.id, key)
+        entry = self._store.journal(self.run.id, key)
         if entry and entry.external_ref:
-            return self.store.get(entry.external_ref)
-        existing = self.store.child(self.run.id, key)
+            return self._store.get(entry.external_ref)
+        existing = self._store.child(self.run.id, key)
         if existing is None:
             self._journal(key, 1, "intent")
             crashpoints.hit(f"before_submit:child:{name}")
-            existing = self.store.create_run(
+            existing = self._store.create_run(
                 workflow=workflow,
                 workflow_version=version,
                 subject=subject,
@@ -160,7 +160,7 @@ class StepContext:
         return existing
 
     def child(self, run_id: str) -> Run:
-        return self.store.get(run_id)
+        return self._store.get(run_id)
 
     def key(self, name: str) -> str:
         """Journal keys are scoped to this entry into the state (its run version)."""
@@ -169,13 +169,13 @@ class StepContext:
     def job_status(self, name: str) -> str | None:
         """The journal status of job `name` in this entry into the state, if it was started:
         intent, submitted, succeeded or failed."""
-        entry = self.store.journal(self.run.id, self.key(name))
+        entry = self._store.journal(self.run.id, self.key(name))
         return entry.status if entry else None
 
     def jobs_in(self, state: str) -> list[JournalEntry]:
         """Every job this run journaled in `state`, over all its entries into it: what the run
         itself did there, for compensation and reports."""
-        return [e for e in self.store.journal_entries(self.run.id) if e.state == state]
+        return [e for e in self._store.journal_entries(self.run.id) if e.state == state]
 
     def in_flight(self, name: str) -> bool:
         """Whether job `name` was submitted (its reference journaled) and not concluded: the
@@ -234,7 +234,7 @@ class StepContext:
 
     def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:
         key = self.key(spec.name)
-        entry = self.store.journal(self.run.id, key)
+        entry = self._store.journal(self.run.id, key)
         if entry and entry.status == "succeeded":
             result = dict(entry.result or {})
             return JobOutcome(
@@ -290,7 +290,7 @@ class StepContext:
         ref: str | None = None,
         result: Mapping[str, Any] | None = None,
     ) -> None:
-        self.store.journal_write(
+        self._store.journal_write(
             self.guard.lease,
             step_key=key,
             attempt=attempt,

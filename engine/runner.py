@@ -254,7 +254,7 @@ class Runner:
         while True:
             attempt += 1
             ctx = StepContext(
-                store=self.store,
+                _store=self.store,
                 run=run,
                 guard=beat,
                 deadline=time.monotonic() + self.settings.timeout(run.state),

@@ -137,13 +137,13 @@ class NodePatch:
     def preflight(self, ctx: StepContext) -> StepResult:
         p = Params.from_run(ctx.run)
         lock = cluster_lock(p.cluster)
-        holder = ctx.store.lock_holder(lock)
+        holder = ctx.lock_holder(lock)
         inventory = self.backend.inventory(p.cluster)
         result = planning.make_plan(
             inventory,
             p.node,
             p.policies,
-            lock_holder=holder if holder and holder != ctx.run.id else None,
+            lock_holder=holder,
         )
         snapshot = result.to_json()
         ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")
