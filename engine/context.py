@@ -80,6 +80,8 @@ class StepContext:
     timeout_s: float = 0.0
     waiting_on: str = ""  # what the step is waiting for, named if it times out
     initial_states: Callable[[str, int], str] = lambda _name, _version: ""
+    yield_after: float | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
@@ -104,6 +106,8 @@ class StepContext:
         if on is not None:
             self.waiting_on = on
         self.check()
+        if self.yield_after is not None and self.clock() - self.started > self.yield_after:
+            raise errors.Yielded(self.waiting_on or f"waiting in {self.run.state}")
         self.sleep(self.poll_interval if seconds is None else seconds)
 
     def lock_holder(self, resource: str) -> str | None:

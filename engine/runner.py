@@ -36,6 +36,9 @@ class RunnerSettings:
     retry_attempts: int = 3
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 120.0
+    # A step that has waited this long gives its lease back and sleeps one poll interval
+    # (a worker's slot is never held by a waiting step); its timeout is then kept durably.
+    yield_after_s: float | None = None
 
     def timeout(self, state: str) -> float:
         return self.timeouts_s.get(state, self.default_timeout_s)
@@ -237,6 +240,9 @@ class Runner:
             outcome = self._execute(run, beat, published)
         except errors.Interrupted:
             return Stop(self.store.get(run.id), "interrupted")
+        except errors.Yielded as exc:
+            until = self.now() + dt.timedelta(seconds=self.settings.poll_interval_s)
+            outcome = Sleep(until, str(exc))
         if isinstance(outcome, Wait):
             self.store.set_waiting(lease, outcome.signal, outcome.reason)
             self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
@@ -266,7 +272,11 @@ class Runner:
                 now=self.now,
                 timeout_s=self.settings.timeout(run.state),
                 initial_states=self.initial_states,
+                yield_after=self.settings.yield_after_s,
             )
+            if self.settings.yield_after_s is not None:  # re-entered: the same deadline
+                until = ctx.timer("deadline", self.settings.timeout(run.state))
+                ctx.deadline = time.monotonic() + (until - self.now()).total_seconds()
             log.info(
                 "step %s of run %s (attempt %d)",
                 run.state,

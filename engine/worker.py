@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine import errors
 from engine.model import Lease, Run, utcnow
@@ -30,6 +30,7 @@ class WorkerSettings:
     concurrency: int = 2
     lease_ttl_s: float = 30.0
     poll_interval_s: float = 1.0
+    yield_after_s: float = 30.0  # a step waits at most this long in one go, then sleeps
 
 
 class Worker:
@@ -115,10 +116,17 @@ class Worker:
             self.wakeup.clear()
 
     def _idle(self) -> bool:
+        """Nothing in flight, nothing due, and no timer about to fall due (a step that gave its
+        slot back for a poll interval is still in flight)."""
         with self._lock:
             if self._busy:
                 return False
-        return self.store.due_count(self.now()) == 0
+        now = self.now()
+        if self.store.due_count(now):
+            return False
+        upcoming = self.store.next_wake(now)
+        soon = now + dt.timedelta(seconds=self.settings.poll_interval_s + 1)
+        return upcoming is None or upcoming > soon
 
     def _drive(self, lease: Lease, owner: str) -> None:
         try:
@@ -126,6 +134,7 @@ class Worker:
             runner = self.runner_for(run)
             runner.actor = owner
             runner.stop_requested = self.stop
+            runner.settings = replace(runner.settings, yield_after_s=self.settings.yield_after_s)
             stop = runner.drive(run.id, lease=lease)
             log.info(
                 "run %s stopped: %s in %s",

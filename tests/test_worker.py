@@ -194,3 +194,33 @@ def test_on_postgresql_a_signal_wakes_a_worker_at_once(tmp_path: Path, pg_url: s
     finally:
         os.kill(worker.proc.pid, signal.SIGTERM)
         assert worker.wait(timeout=30).code == 0
+
+
+def test_a_waiting_step_gives_its_slot_back_and_is_resumed(tmp_path: Path, db_url: str) -> None:
+    """With one slot and two slow runs, a step that waits on the cluster gives the slot back
+    (a durable sleep of one poll interval) so the other run moves too; each re-entered step
+    re-attaches to its journaled jobs: every operation happens once."""
+    cli = d.make_cli(tmp_path, db_url, d.config(patch_seconds=30))
+    sim = SimulatedCluster.create(cli.sim, fleet(2), speed=20.0)
+    before = d.placement(sim)
+    runs = [detach(cli, 1), detach(cli, 2)]
+    result = d.spawn(
+        cli,
+        "worker",
+        "--until-idle",
+        "--concurrency",
+        "1",
+        "--yield-after",
+        "0.3",
+        "--poll",
+        "0.05",
+    ).wait(timeout=180)
+    assert result.code == 0, result.err
+    with d.store(db_url) as s:
+        for run_id in runs:
+            events = s.events(run_id)
+            assert s.get(run_id).state == "Done"
+            assert d.transitions(events) == STEPS
+            assert any(e.kind == "sleeping" for e in events)  # it did give the slot back
+    assert d.operations(sim.counts()) == once(1) | once(2)
+    assert d.placement(sim) == before

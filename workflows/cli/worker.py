@@ -31,6 +31,14 @@ from workflows.cli.common import EXIT_DONE, pass_app
     help="Seconds between looks for due runs (PostgreSQL also wakes workers at once).",
 )
 @click.option(
+    "--yield-after",
+    "yield_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="A step waiting on the cluster gives its slot back after this long, and is resumed.",
+)
+@click.option(
     "--grace",
     "grace_s",
     type=click.FloatRange(min=0),
@@ -39,13 +47,16 @@ from workflows.cli.common import EXIT_DONE, pass_app
     help="Seconds SIGTERM/SIGINT waits for in-flight runs to reach a durable point.",
 )
 @pass_app
-def worker_cmd(app: App, concurrency: int, until_idle: bool, poll_s: float, grace_s: float) -> None:
+def worker_cmd(
+    app: App, concurrency: int, until_idle: bool, poll_s: float, yield_s: float, grace_s: float
+) -> None:
     """Claim due runs (started with --detach, woken by a signal or a timer) and drive each to its
     next stop. Run one or more per site; several workers share one PostgreSQL database."""
     settings = WorkerSettings(
         concurrency=concurrency,
         lease_ttl_s=app.settings.runner.lease_ttl_s,
         poll_interval_s=poll_s,
+        yield_after_s=yield_s,
     )
     worker = Worker(app.store, app.runner_for, settings, owner=actor())
 
