@@ -8,13 +8,14 @@ lease (kept alive by the runner's heartbeat) and the step's deadline.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine import crashpoints, errors
-from engine.model import JournalEntry, Lease, Run
+from engine.model import JournalEntry, Lease, Run, utcnow
 from engine.store import Store
 
 
@@ -65,7 +66,7 @@ class LeaseGuard(Protocol):
 
 @dataclass
 class StepContext:
-    store: Store
+    _store: Store
     run: Run
     guard: LeaseGuard
     deadline: float
@@ -75,14 +76,18 @@ class StepContext:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     stopping: Callable[[], bool] = lambda: False
+    now: Callable[[], dt.datetime] = utcnow
     timeout_s: float = 0.0
     waiting_on: str = ""  # what the step is waiting for, named if it times out
+    initial_states: Callable[[str, int], str] = lambda _name, _version: ""
+    yield_after: float | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
 
     def signal_pending(self, name: str) -> bool:
-        return name in self.store.pending_signals(self.run.id)
+        return name in self._store.pending_signals(self.run.id)
 
     def check(self) -> None:
         """Raise if the lease is lost, a stop was asked for (every side effect so far is
@@ -101,7 +106,65 @@ class StepContext:
         if on is not None:
             self.waiting_on = on
         self.check()
+        if self.yield_after is not None and self.clock() - self.started > self.yield_after:
+            raise errors.Yielded(self.waiting_on or f"waiting in {self.run.state}")
         self.sleep(self.poll_interval if seconds is None else seconds)
+
+    def lock_holder(self, resource: str) -> str | None:
+        """The run holding `resource`, unless it is this run or its root."""
+        return self._store.family_lock_holder(self.run, resource)
+
+    # ---- durable timers ------------------------------------------------------------------
+
+    def timer(self, name: str, seconds: float) -> dt.datetime:
+        """When timer `name` of this entry into the state fires: journaled the first time it is
+        asked for, so a resumed step waits for the same moment, not for `seconds` more."""
+        key = self.key(f"timer:{name}")
+        entry = self._store.journal(self.run.id, key)
+        if entry and entry.result and "until" in entry.result:
+            return dt.datetime.fromisoformat(str(entry.result["until"]))
+        until = self.now() + dt.timedelta(seconds=seconds)
+        self._journal(key, 1, "succeeded", result={"until": until.isoformat()})
+        return until
+
+    # ---- child runs ----------------------------------------------------------------------
+
+    def start_child(
+        self,
+        name: str,
+        *,
+        workflow: str,
+        version: int,
+        subject: str,
+        params: Mapping[str, Any],
+    ) -> Run:
+        """Start child run `name` of this run at most once: journaled like any side effect,
+        and found again by its key after a crash between creating it and journaling it."""
+        key = self.key(f"child:{name}")
+        entry = self._store.journal(self.run.id, key)
+        if entry and entry.external_ref:
+            return self._store.get(entry.external_ref)
+        existing = self._store.child(self.run.id, key)
+        if existing is None:
+            self._journal(key, 1, "intent")
+            crashpoints.hit(f"before_submit:child:{name}")
+            existing = self._store.create_run(
+                workflow=workflow,
+                workflow_version=version,
+                subject=subject,
+                state=self.initial_states(workflow, version),
+                params=params,
+                actor=self.guard.lease.owner,
+                parent=self.run,
+                child_key=key,
+                detached=self.run.detached,
+            )
+            crashpoints.hit(f"after_submit:child:{name}")
+        self._journal(key, 1, "submitted", ref=existing.id)
+        return existing
+
+    def child(self, run_id: str) -> Run:
+        return self._store.get(run_id)
 
     def key(self, name: str) -> str:
         """Journal keys are scoped to this entry into the state (its run version)."""
@@ -110,13 +173,13 @@ class StepContext:
     def job_status(self, name: str) -> str | None:
         """The journal status of job `name` in this entry into the state, if it was started:
         intent, submitted, succeeded or failed."""
-        entry = self.store.journal(self.run.id, self.key(name))
+        entry = self._store.journal(self.run.id, self.key(name))
         return entry.status if entry else None
 
     def jobs_in(self, state: str) -> list[JournalEntry]:
         """Every job this run journaled in `state`, over all its entries into it: what the run
         itself did there, for compensation and reports."""
-        return [e for e in self.store.journal_entries(self.run.id) if e.state == state]
+        return [e for e in self._store.journal_entries(self.run.id) if e.state == state]
 
     def in_flight(self, name: str) -> bool:
         """Whether job `name` was submitted (its reference journaled) and not concluded: the
@@ -175,7 +238,7 @@ class StepContext:
 
     def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:
         key = self.key(spec.name)
-        entry = self.store.journal(self.run.id, key)
+        entry = self._store.journal(self.run.id, key)
         if entry and entry.status == "succeeded":
             result = dict(entry.result or {})
             return JobOutcome(
@@ -231,7 +294,7 @@ class StepContext:
         ref: str | None = None,
         result: Mapping[str, Any] | None = None,
     ) -> None:
-        self.store.journal_write(
+        self._store.journal_write(
             self.guard.lease,
             step_key=key,
             attempt=attempt,

@@ -96,6 +96,11 @@ class Interrupted(EngineError):
     """Stopped on request (Ctrl-C, SIGTERM, a time bound) at a durable point: resume it."""
 
 
+class Yielded(EngineError):
+    """The step has waited long enough in one go: it sleeps a poll interval and is re-entered
+    (re-attaching to its journaled jobs), so that a worker's slot is never held by a wait."""
+
+
 class TransientError(EngineError):
     """A temporary failure (connection refused, reset, timeout); the step is retried."""
 

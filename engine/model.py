@@ -40,13 +40,31 @@ class Run:
     finished_at: dt.datetime | None
     audit_head: str | None = None
     heartbeat_at: dt.datetime | None = None
+    wake_at: dt.datetime | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    child_key: str | None = None
+    detached: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Run:
         values = {name: row[name] for name in cls.__dataclass_fields__}
-        for name in ("lease_expires_at", "created_at", "updated_at", "finished_at", "heartbeat_at"):
+        for name in (
+            "lease_expires_at",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "heartbeat_at",
+            "wake_at",
+        ):
             values[name] = as_utc(values[name])
         return cls(**values)
+
+    @property
+    def root(self) -> str:
+        """The run that owns this run's locks: the top of its family (itself when it has no
+        parent)."""
+        return self.root_run_id or self.id
 
     def lease_live(self, now: dt.datetime) -> bool:
         return self.lease_owner is not None and (

@@ -18,9 +18,9 @@ from typing import Any, Literal
 from engine import errors
 from engine.context import ProgressSink, StepContext
 from engine.machine import StateMachine
-from engine.model import Lease, Run
+from engine.model import Lease, Run, utcnow
 from engine.store import Store
-from engine.workflow import Advance, Wait, Workflow
+from engine.workflow import Advance, Sleep, StepResult, Wait, Workflow
 
 log = logging.getLogger("nodepatch.engine")
 
@@ -36,6 +36,9 @@ class RunnerSettings:
     retry_attempts: int = 3
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 120.0
+    # A step that has waited this long gives its lease back and sleeps one poll interval
+    # (a worker's slot is never held by a waiting step); its timeout is then kept durably.
+    yield_after_s: float | None = None
 
     def timeout(self, state: str) -> float:
         return self.timeouts_s.get(state, self.default_timeout_s)
@@ -44,7 +47,7 @@ class RunnerSettings:
 @dataclass(frozen=True)
 class Stop:
     run: Run
-    reason: Literal["final", "failed", "until", "waiting", "interrupted"]
+    reason: Literal["final", "failed", "until", "waiting", "interrupted", "sleeping"]
 
 
 class Heartbeat:
@@ -90,15 +93,19 @@ class Runner:
         actor: str,
         progress: ProgressSink = lambda _msg: None,
         sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], dt.datetime] = utcnow,
+        initial_states: Callable[[str, int], str] | None = None,
+        machine: StateMachine | None = None,
     ) -> None:
         self.store, self.workflow, self.settings = store, workflow, settings
-        self.machine = StateMachine(workflow)
-        self.actor, self.progress, self.sleep = actor, progress, sleep
+        self.machine = machine or StateMachine(workflow)
+        self.actor, self.progress, self.sleep, self.now = actor, progress, sleep, now
+        self.initial_states = initial_states or (lambda _name, _version: workflow.initial)
         self.stop_requested = threading.Event()
 
     # ---- operator actions --------------------------------------------------------------
 
-    def create(self, subject: str, params: Mapping[str, Any]) -> Run:
+    def create(self, subject: str, params: Mapping[str, Any], *, detached: bool = False) -> Run:
         return self.store.create_run(
             workflow=self.workflow.name,
             workflow_version=self.workflow.version,
@@ -106,6 +113,7 @@ class Runner:
             state=self.workflow.initial,
             params=params,
             actor=self.actor,
+            detached=detached,
         )
 
     def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> bool:
@@ -150,13 +158,28 @@ class Runner:
         finally:
             self.store.release(lease)
 
-    def drive(self, run_id: str, *, until: str | None = None, retry: bool = False) -> Stop:
-        """Advance the run as far as it goes; retry=True first re-enters a failed step."""
+    def drive(
+        self,
+        run_id: str,
+        *,
+        until: str | None = None,
+        retry: bool = False,
+        early: bool = False,
+        lease: Lease | None = None,
+    ) -> Stop:
+        """Advance the run as far as it goes; retry=True first re-enters a failed step. A run
+        sleeping on a timer is left alone before its time unless `early`. `lease`: a lease the
+        caller (a worker) has already claimed."""
+        run = self.store.get(run_id)
         if until is not None:
-            self._check_until(self.store.get(run_id), until)
-        lease = self.store.claim(
-            run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
-        )
+            self._check_until(run, until)
+        if lease is None:
+            asleep = run.wake_at is not None and run.wake_at > self.now()
+            if asleep and not early and ABORT not in self.store.pending_signals(run_id):
+                return Stop(run, "sleeping")
+            lease = self.store.claim(
+                run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
+            )
         try:
             with Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat:
                 return self._loop(lease, beat, until, retry)
@@ -194,7 +217,7 @@ class Runner:
                 abort = Advance(
                     trigger, consume=(ABORT,), details=aborted, publish={"aborted": aborted}
                 )
-                self._fire(lease, run, abort)
+                self._fire(lease, run, abort, cascade=(ABORT,))
                 continue
             if run.state == self.workflow.failed:
                 if not (retry and run.failed_from):
@@ -205,23 +228,39 @@ class Runner:
             retry = False  # only a run that was Failed when this drive began is retried
             if until == run.state:
                 return Stop(run, "until")
-            try:
-                outcome = self._execute(run, beat, published)
-            except errors.Interrupted:
-                return Stop(self.store.get(run.id), "interrupted")
-            if isinstance(outcome, Wait):
-                self.store.set_waiting(lease, outcome.signal, outcome.reason)
-                self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
-                return Stop(self.store.get(run.id), "waiting")
-            self._fire(lease, run, outcome)
+            stop = self._step(lease, run, beat, published)
+            if stop is not None:
+                return stop
 
-    def _execute(self, run: Run, beat: Heartbeat, published: dict[str, Any]) -> Advance | Wait:
+    def _step(
+        self, lease: Lease, run: Run, beat: Heartbeat, published: dict[str, Any]
+    ) -> Stop | None:
+        """Run the state's step and persist what it returned; a Stop when the drive ends."""
+        try:
+            outcome = self._execute(run, beat, published)
+        except errors.Interrupted:
+            return Stop(self.store.get(run.id), "interrupted")
+        except errors.Yielded as exc:
+            until = self.now() + dt.timedelta(seconds=self.settings.poll_interval_s)
+            outcome = Sleep(until, str(exc))
+        if isinstance(outcome, Wait):
+            self.store.set_waiting(lease, outcome.signal, outcome.reason)
+            self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")
+            return Stop(self.store.get(run.id), "waiting")
+        if isinstance(outcome, Sleep):
+            self.store.set_sleep(lease, outcome.until, outcome.reason)
+            self.progress(f"sleeping until {outcome.until:%Y-%m-%d %H:%M:%S} UTC: {outcome.reason}")
+            return Stop(self.store.get(run.id), "sleeping")
+        self._fire(lease, run, outcome)
+        return None
+
+    def _execute(self, run: Run, beat: Heartbeat, published: dict[str, Any]) -> StepResult:
         step = self.workflow.steps[run.state]
         attempt = 0
         while True:
             attempt += 1
             ctx = StepContext(
-                store=self.store,
+                _store=self.store,
                 run=run,
                 guard=beat,
                 deadline=time.monotonic() + self.settings.timeout(run.state),
@@ -230,8 +269,14 @@ class Runner:
                 published=published,
                 sleep=self.sleep,
                 stopping=self.stop_requested.is_set,
+                now=self.now,
                 timeout_s=self.settings.timeout(run.state),
+                initial_states=self.initial_states,
+                yield_after=self.settings.yield_after_s,
             )
+            if self.settings.yield_after_s is not None:  # re-entered: the same deadline
+                until = ctx.timer("deadline", self.settings.timeout(run.state))
+                ctx.deadline = time.monotonic() + (until - self.now()).total_seconds()
             log.info(
                 "step %s of run %s (attempt %d)",
                 run.state,
@@ -261,7 +306,9 @@ class Runner:
         if self.stop_requested.is_set():
             raise errors.Interrupted("stopped as asked while waiting to retry")
 
-    def _fire(self, lease: Lease, run: Run, outcome: Advance) -> None:
+    def _fire(
+        self, lease: Lease, run: Run, outcome: Advance, cascade: tuple[str, ...] = ()
+    ) -> None:
         if outcome.trigger == "fail":
             self._fail(lease, run, dict(outcome.details), outcome.publish)
             return
@@ -280,6 +327,7 @@ class Runner:
                 consume=outcome.consume,
                 details=outcome.details,
                 error={"state": run.state, **outcome.error} if outcome.error else None,
+                cascade=cascade,
             )
         except errors.LockHeld as exc:
             details = {"reason": str(exc), "holder": exc.holder}

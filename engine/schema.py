@@ -39,9 +39,22 @@ run = sa.Table(
     sa.Column("updated_at", TS, nullable=False),
     sa.Column("finished_at", TS),
     sa.Column("audit_head", sa.String(64)),
+    sa.Column("parent_run_id", sa.String(64)),
+    sa.Column("root_run_id", sa.String(64)),
+    sa.Column("child_key", sa.String(256)),
+    sa.Column("detached", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_run_subject_finished", "subject", "finished_at"),
     sa.Index("ix_run_state", "state"),
     sa.Index("ix_run_created_at", "created_at"),
+    sa.Index("ix_run_parent", "parent_run_id", "child_key", unique=True),
+    sa.Index(
+        "ux_run_active_subject",
+        "subject",
+        unique=True,
+        sqlite_where=sa.text("finished_at IS NULL"),
+        postgresql_where=sa.text("finished_at IS NULL"),
+    ),
+    sa.Index("ix_run_due", "detached", "finished_at", "wake_at"),
 )
 
 run_event = sa.Table(

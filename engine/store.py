@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -17,8 +19,9 @@ import sqlalchemy as sa
 
 from engine import audit, crashpoints, db, errors
 from engine import schema as t
-from engine.model import Event, JournalEntry, Lease, Run, utcnow
+from engine.model import Event, JournalEntry, Lease, Run, as_utc, utcnow
 
+log = logging.getLogger("nodepatch.store")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -57,6 +60,15 @@ def _transient(exc: sa.exc.DBAPIError) -> bool:
         return True
     message = str(exc.orig).lower()
     return "locked" in message or "busy" in message
+
+
+CHANNEL = "nodepatch_due"
+
+
+def _notify(conn: sa.Connection, run_id: str) -> None:
+    """On PostgreSQL, tell listening workers (at commit) that a run may have become due."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_notify(CHANNEL, run_id)))
 
 
 def _lease_lost(run: Run) -> errors.LeaseLost:
@@ -165,6 +177,12 @@ class Store:
         return {key: value for key, value in rows}
 
     @retried
+    def family_lock_holder(self, run: Run, resource: str) -> str | None:
+        """Who holds `resource`, unless it is the run itself or its root (then None)."""
+        holder = self.lock_holder(resource)
+        return None if holder in (run.id, run.root) else holder
+
+    @retried
     def lock_holder(self, resource: str) -> str | None:
         with self._tx(read_only=True) as conn:
             return conn.execute(
@@ -228,35 +246,210 @@ class Store:
         state: str,
         params: Mapping[str, Any],
         actor: str,
+        parent: Run | None = None,
+        child_key: str | None = None,
+        detached: bool = False,
     ) -> Run:
+        """A new run. The database allows one unfinished run per subject: a second one is Busy,
+        naming the first. A child (`parent`, `child_key`) belongs to its parent's family."""
         now = utcnow()
         run_id = new_run_id(now)
+        family = {}
+        if parent is not None:
+            family = {
+                "parent_run_id": parent.id,
+                "root_run_id": parent.root,
+                "child_key": child_key,
+            }
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    t.run.insert().values(
+                        id=run_id,
+                        workflow=workflow,
+                        workflow_version=workflow_version,
+                        subject=subject,
+                        state=state,
+                        version=1,
+                        params=dict(params),
+                        created_by=actor,
+                        created_at=now,
+                        updated_at=now,
+                        detached=detached,
+                        wake_at=now if detached else None,
+                        **family,
+                    )
+                )
+                self._event(
+                    conn,
+                    run_id,
+                    1,
+                    "created",
+                    actor=actor,
+                    token=0,
+                    to_state=state,
+                    details={"params": dict(params), **family},
+                )
+                if detached:
+                    _notify(conn, run_id)
+                return self._get(conn, run_id)
+        except sa.exc.IntegrityError as exc:
+            active = self.runs(subject_prefix=subject, active_only=True, limit=20)
+            winner = next((r for r in active if r.subject == subject), None)
+            if winner is None:
+                raise errors.DatabaseError(f"cannot create the run: {exc.orig}") from exc
+            holder = f", held by {winner.lease_owner}" if winner.lease_live(now) else ""
+            raise errors.Busy(
+                f"{subject} already has the unfinished run {winner.id} ({winner.state}{holder})"
+            ) from exc
+
+    @retried
+    def child(self, parent_id: str, child_key: str) -> Run | None:
+        """The child a parent's step started under `child_key`, if it exists."""
         with self._tx(read_only=True) as conn:
+            row = (
+                conn.execute(
+                    sa.select(t.run).where(
+                        t.run.c.parent_run_id == parent_id, t.run.c.child_key == child_key
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        return Run.from_row(row) if row else None
+
+    @retried
+    def children(self, parent_id: str) -> list[Run]:
+        with self._tx(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(t.run)
+                .where(t.run.c.parent_run_id == parent_id)
+                .order_by(t.run.c.created_at, t.run.c.id)
+            ).mappings()
+            return [Run.from_row(r) for r in rows]
+
+    @retried
+    def claim_next(self, owner: str, ttl: dt.timedelta, now: dt.datetime) -> Lease | None:
+        """Claim one run that is due for a worker: detached, unfinished, not failed (unless an
+        abort is pending), not waiting for a signal that has not come, its timer passed, its
+        lease free or expired. PostgreSQL skips rows other workers are claiming (SKIP LOCKED);
+        SQLite's writers are serialised by BEGIN IMMEDIATE."""
+        with self._tx() as conn:
+            query = sa.select(t.run.c.id, t.run.c.lease_token, t.run.c.version).where(
+                *self._due(now)
+            )
+            query = query.order_by(t.run.c.wake_at, t.run.c.created_at).limit(1)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=t.run)
+            row = conn.execute(query).first()
+            if row is None:
+                return None
+            token = row.lease_token + 1
             conn.execute(
-                t.run.insert().values(
-                    id=run_id,
-                    workflow=workflow,
-                    workflow_version=workflow_version,
-                    subject=subject,
-                    state=state,
-                    version=1,
-                    params=dict(params),
-                    created_by=actor,
-                    created_at=now,
-                    updated_at=now,
+                t.run.update()
+                .where(t.run.c.id == row.id, t.run.c.lease_token == row.lease_token)
+                .values(
+                    lease_owner=owner,
+                    lease_token=token,
+                    lease_expires_at=now + ttl,
+                    heartbeat_at=now,
                 )
             )
+            self._event(conn, row.id, row.version, "lease", actor=owner, token=token, details={})
+            return Lease(row.id, owner, token)
+
+    @retried
+    def due_count(self, now: dt.datetime) -> int:
+        with self._tx(read_only=True) as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(t.run).where(*self._due(now))
+                ).scalar_one()
+            )
+
+    @staticmethod
+    def _due(now: dt.datetime) -> list[sa.ColumnElement[bool]]:
+        pending = sa.select(t.run_signal.c.id).where(
+            t.run_signal.c.run_id == t.run.c.id, t.run_signal.c.consumed_at.is_(None)
+        )
+        abort = pending.where(t.run_signal.c.name == "abort").exists()
+        awaited = pending.where(t.run_signal.c.name == t.run.c.waiting_for).exists()
+        return [
+            t.run.c.detached.is_(True),
+            t.run.c.finished_at.is_(None),
+            sa.or_(t.run.c.failed_from.is_(None), abort),
+            sa.or_(t.run.c.waiting_for.is_(None), awaited, abort),
+            sa.or_(t.run.c.wake_at.is_(None), t.run.c.wake_at <= now, abort),
+            sa.or_(t.run.c.lease_expires_at.is_(None), t.run.c.lease_expires_at <= now),
+        ]
+
+    @retried
+    def set_sleep(self, lease: Lease, until: dt.datetime, reason: str) -> None:
+        """A durable timer: the run is not due again before `until`."""
+        with self._tx() as conn:
+            run = self._fenced(conn, lease)
+            conn.execute(t.run.update().where(t.run.c.id == lease.run_id).values(wake_at=until))
             self._event(
                 conn,
-                run_id,
-                1,
-                "created",
-                actor=actor,
-                token=0,
-                to_state=state,
-                details={"params": dict(params)},
+                lease.run_id,
+                run.version,
+                "sleeping",
+                actor=lease.owner,
+                token=lease.token,
+                details={"until": until.isoformat(), "reason": reason},
             )
-            return self._get(conn, run_id)
+
+    @retried
+    def wake(self, run_id: str, now: dt.datetime) -> None:
+        """Make a sleeping run due now (an operator's `resume --now`, a child that ended)."""
+        with self._tx() as conn:
+            conn.execute(
+                t.run.update()
+                .where(t.run.c.id == run_id, t.run.c.wake_at > now)
+                .values(wake_at=now)
+            )
+            _notify(conn, run_id)
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call `wake` whenever a run may have become due, until `stop` (PostgreSQL LISTEN on
+        its own connection; returns at once on SQLite, where workers poll)."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        while not stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+                try:
+                    pg: Any = raw.driver_connection
+                    pg.autocommit = True
+                    pg.execute(f"LISTEN {CHANNEL}")
+                    while not stop.is_set():
+                        for _ in pg.notifies(timeout=1.0, stop_after=1):
+                            wake()
+                finally:
+                    raw.invalidate()  # never hand a LISTENing connection back to the pool
+            except Exception as exc:  # noqa: BLE001 - a lost connection: poll, then listen again
+                log.warning("listening for wake-ups failed: %s", exc)
+                stop.wait(1.0)
+
+    @retried
+    def next_wake(self, now: dt.datetime) -> dt.datetime | None:
+        """When the next detached run's timer falls due, for a worker to sleep until then."""
+        with self._tx(read_only=True) as conn:
+            found = conn.execute(
+                sa.select(sa.func.min(t.run.c.wake_at)).where(
+                    t.run.c.detached.is_(True),
+                    t.run.c.finished_at.is_(None),
+                    t.run.c.wake_at > now,
+                )
+            ).scalar()
+        return as_utc(found)
+
+    @retried
+    def set_detached(self, run_id: str, detached: bool) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                t.run.update().where(t.run.c.id == run_id).values(detached=detached, wake_at=None)
+            )
 
     @retried
     def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
@@ -353,9 +546,12 @@ class Store:
         consume: Sequence[str] = (),
         details: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
+        cascade: Sequence[str] = (),
     ) -> Run:
-        """Change state, append the audit event, publish data, take/release locks and consume
-        signals in ONE transaction, guarded by compare-and-set on (state, version, lease)."""
+        """Change state, append the audit event, publish data, take/release locks, consume
+        signals and send `cascade` signals to every unfinished child, in ONE transaction,
+        guarded by compare-and-set on (state, version, lease). A child that finishes makes its
+        parent due at once."""
         now = utcnow()
         new_version = version + 1
         with self._tx() as conn:
@@ -382,7 +578,8 @@ class Store:
             ).rowcount
             if updated != 1:
                 self._raise_stale(conn, lease, from_state, version)
-            self._take_locks(conn, lease.run_id, acquire, now)
+            if acquire:
+                self._take_locks(conn, self._get(conn, lease.run_id), acquire, now)
             if release:
                 conn.execute(
                     t.resource_lock.delete().where(
@@ -416,8 +613,20 @@ class Store:
                 to_state=to_state,
                 details=event_details,
             )
-            crashpoints.hit(f"before_commit:{from_state}->{to_state}")
+            for name in cascade:
+                self._signal_children(conn, lease, name, now)
             run = self._get(conn, lease.run_id)
+            if final and run.parent_run_id:
+                conn.execute(
+                    t.run.update()
+                    .where(
+                        t.run.c.id == run.parent_run_id,
+                        sa.or_(t.run.c.wake_at.is_(None), t.run.c.wake_at > now),
+                    )
+                    .values(wake_at=now)
+                )
+                _notify(conn, run.parent_run_id)
+            crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
         return run
 
@@ -461,6 +670,8 @@ class Store:
                 token=run.lease_token,
                 details={"signal": name, **payload},
             )
+            if run.detached:
+                _notify(conn, run_id)
         return True
 
     @retried
@@ -517,14 +728,44 @@ class Store:
             "another writer advanced it; nothing was overwritten"
         )
 
-    def _take_locks(
-        self, conn: sa.Connection, run_id: str, resources: Sequence[str], now: dt.datetime
+    def _signal_children(
+        self, conn: sa.Connection, lease: Lease, name: str, now: dt.datetime
     ) -> None:
+        children = conn.execute(
+            sa.select(t.run.c.id, t.run.c.version, t.run.c.lease_token).where(
+                t.run.c.parent_run_id == lease.run_id, t.run.c.finished_at.is_(None)
+            )
+        ).all()
+        for child in children:
+            if name in self._pending(conn, child.id):
+                continue
+            conn.execute(
+                t.run_signal.insert().values(
+                    run_id=child.id, name=name, payload={}, sent_by=lease.owner, created_at=now
+                )
+            )
+            _notify(conn, child.id)
+            self._event(
+                conn,
+                child.id,
+                child.version,
+                "signal",
+                actor=lease.owner,
+                token=child.lease_token,
+                details={"signal": name, "from_parent": lease.run_id},
+            )
+
+    def _take_locks(
+        self, conn: sa.Connection, run: Run, resources: Sequence[str], now: dt.datetime
+    ) -> None:
+        """Take each lock for the run's family: a lock held by the run's root (or by the run
+        itself) is already ours; one held by anyone else is LockHeld."""
+        run_id = run.id
         for resource in resources:
             holder = conn.execute(
                 sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
             ).scalar()
-            if holder == run_id:
+            if holder in (run_id, run.root):
                 continue
             if holder is not None:
                 raise errors.LockHeld(resource, holder)

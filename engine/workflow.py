@@ -1,12 +1,14 @@
 """How a workflow is declared: states, a transition table and one step per non-final state.
 
 A step is a function of a StepContext that returns what should happen next: `Advance` (fire a
-trigger, publishing data and taking or releasing locks in the same transaction) or `Wait` (stop
-until a signal arrives). Steps do their side effects through `ctx.run_job`, which journals them.
+trigger, publishing data and taking or releasing locks in the same transaction), `Wait` (stop
+until a signal arrives) or `Sleep` (stop until a time, then run the step again). Steps do their
+side effects through `ctx.run_job`, which journals them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,17 @@ class Wait:
     reason: str
 
 
-StepResult = Advance | Wait
+@dataclass(frozen=True)
+class Sleep:
+    """A durable timer: run this step again at `until` (UTC). The run gives its lease back and
+    stops; a worker (or a `resume` after `until`) picks it up. A child run that ends wakes its
+    parent at once."""
+
+    until: dt.datetime
+    reason: str
+
+
+StepResult = Advance | Wait | Sleep
 Step = Callable[["StepContext"], StepResult]
 
 

@@ -133,6 +133,11 @@ def store(db_url: str) -> Iterator[Store]:
         engine.dispose()
 
 
+def store_get(db_url: str, run_id: str) -> Run:
+    with store(db_url) as s:
+        return s.get(run_id)
+
+
 def only_run(db_url: str) -> Run:
     with store(db_url) as s:
         runs = s.runs()

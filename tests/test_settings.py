@@ -53,3 +53,16 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A configuration path that does not exist is reported as such."""
     with pytest.raises(errors.ConfigError, match="cannot read configuration"):
         settings.load(str(tmp_path / "nope.yaml"))
+
+
+def test_timeouts_are_per_workflow_and_the_flat_keys_still_work() -> None:
+    from workflows.settings import from_mapping
+
+    nested = from_mapping({"timeouts_s": {"node_patch": {"Draining": 60}}})
+    flat = from_mapping({"timeouts_s": {"Draining": 60}})
+    assert nested.runner_for("node_patch").timeout("Draining") == 60
+    assert flat.runner_for("node_patch").timeout("Draining") == 60
+    with pytest.raises(errors.ConfigError, match=r"timeouts_s\.node_patch\.Drain: unknown state"):
+        from_mapping({"timeouts_s": {"node_patch": {"Drain": 60}}})
+    with pytest.raises(errors.ConfigError, match=r"timeouts_s\.cycle: unknown key"):
+        from_mapping({"timeouts_s": {"cycle": {"Soak": 60}}})

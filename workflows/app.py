@@ -8,16 +8,20 @@ import shlex
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 
 from engine import db, errors
 from engine.context import ProgressSink
+from engine.machine import StateMachine
+from engine.model import Run
+from engine.registry import Registry
 from engine.runner import Runner
 from engine.store import Store
+from engine.workflow import Workflow
 from workflows.backends.base import ClusterBackend
-from workflows.node_patch import NodePatch
+from workflows.node_patch import NODE_PATCH, NodePatch
 from workflows.patchers.base import Patcher
 from workflows.settings import Settings
 
@@ -29,6 +33,16 @@ def actor() -> str:
     except (KeyError, OSError):
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+class _Deferred:
+    """The backend, opened on its first use (showing or releasing a run never needs it)."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._app.backend, name)
 
 
 def shown_url(url: str) -> str:
@@ -49,6 +63,7 @@ class App:
     """Whether a missing database is created on first use: only the default one is."""
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     progress: ProgressSink = lambda _msg: None
+    _machines: dict[tuple[str, int], StateMachine] = field(default_factory=dict, repr=False)
 
     @cached_property
     def store(self) -> Store:
@@ -121,14 +136,38 @@ class App:
         config = remote.settings_from_mapping(options, f"patcher.{kind}", self.environ)
         return patchers[kind](config, self.backend, cluster)
 
-    def runner(self) -> Runner:
+    @cached_property
+    def registry(self) -> Registry:
+        """Every workflow this build can drive, by (name, version). Building one does not
+        connect to the cluster: the backend is opened when a step first uses it."""
+        registry = Registry()
+        backend = cast(ClusterBackend, _Deferred(self))
+        registry.add(NODE_PATCH, 1, lambda: NodePatch(backend, self.patcher).workflow())
+        return registry
+
+    def runner(self, name: str = NODE_PATCH, version: int = 1) -> Runner:
+        """A runner for new runs of workflow `name`."""
+        workflow = self.registry.get(name, version)
         return Runner(
             self.store,
-            NodePatch(self.backend, self.patcher).workflow(),
-            self.settings.runner,
+            workflow,
+            self.settings.runner_for(name),
             actor=actor(),
             progress=self.progress,
+            initial_states=self.registry.initial,
+            machine=self._machine(workflow),
         )
+
+    def runner_for(self, run: Run) -> Runner:
+        """A runner for an existing run, with its own workflow; exit 2 if this build does not
+        know it."""
+        return self.runner(run.workflow, run.workflow_version)
+
+    def _machine(self, workflow: Workflow) -> StateMachine:
+        key = (workflow.name, workflow.version)
+        if key not in self._machines:
+            self._machines[key] = StateMachine(workflow)
+        return self._machines[key]
 
     def close(self) -> None:
         if "backend" in self.__dict__:

@@ -35,6 +35,7 @@ STATES = (
     ABANDONED,
 )
 FINAL = frozenset({DONE, ABORTED, REFUSED, ABANDONED})
+NODE_PATCH = "node_patch"
 PATCHED = "patched"
 EXTERNAL = "external"
 
@@ -112,7 +113,7 @@ class NodePatch:
 
     def workflow(self) -> Workflow:
         return Workflow(
-            name="node_patch",
+            name=NODE_PATCH,
             version=1,
             states=STATES,
             initial=PREFLIGHT,
@@ -136,13 +137,13 @@ class NodePatch:
     def preflight(self, ctx: StepContext) -> StepResult:
         p = Params.from_run(ctx.run)
         lock = cluster_lock(p.cluster)
-        holder = ctx.store.lock_holder(lock)
+        holder = ctx.lock_holder(lock)
         inventory = self.backend.inventory(p.cluster)
         result = planning.make_plan(
             inventory,
             p.node,
             p.policies,
-            lock_holder=holder if holder and holder != ctx.run.id else None,
+            lock_holder=holder,
         )
         snapshot = result.to_json()
         ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")

@@ -244,6 +244,11 @@ def history_table(events: Sequence[Event]) -> str:
 def run_json(run: Run, published: Mapping[str, Any], stopped: str | None = None) -> dict[str, Any]:
     return {
         "run_id": run.id,
+        "workflow": run.workflow,
+        "workflow_version": run.workflow_version,
+        "parent_run_id": run.parent_run_id,
+        "wake_at": run.wake_at.isoformat() if run.wake_at else None,
+        "detached": run.detached,
         "cluster": run.params.get("cluster"),
         "node": run.params.get("node"),
         "state": run.state,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import yaml
 from engine import errors
 from engine.runner import RunnerSettings
 from workflows import plan as planning
-from workflows.node_patch import STATES
+from workflows.node_patch import NODE_PATCH, STATES
 
 BACKENDS = ("simulated", "vmm", "failover")
 PATCHERS = ("auto", "simulated", "external", "windows-update", "script", "reboot")
@@ -47,7 +47,14 @@ class Settings:
     patcher: str = "auto"
     patcher_options: Mapping[str, Any] = field(default_factory=dict)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
+    timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
+
+    def runner_for(self, workflow: str) -> RunnerSettings:
+        """The engine settings of one workflow: its own step timeouts over the defaults."""
+        if workflow == NODE_PATCH:
+            return self.runner
+        return replace(self.runner, timeouts_s=dict(self.timeouts_s.get(workflow, {})))
 
     def patcher_for_runs(self) -> str:
         """The patcher a new run records: `auto` is simulated on the simulator, else external."""
@@ -68,7 +75,7 @@ _SCHEMA: dict[str, Any] = {
         "reboot": dict,
     },
     "engine": {"lease_ttl_s": float, "poll_interval_s": float},
-    "timeouts_s": {state: float for state in STATES[:5]},
+    "timeouts_s": dict,
     "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
     "log": {"file": str},
 }
@@ -175,14 +182,12 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
     patcher = data.get("patcher", {})
     eng = data.get("engine", {})
     retries = data.get("retries", {})
-    timeouts = {
-        k: _positive(float(v), f"timeouts_s.{k}") for k, v in data.get("timeouts_s", {}).items()
-    }
+    timeouts = _timeouts(data.get("timeouts_s", {}))
     kind = _choice(backend.get("kind", "simulated"), BACKENDS, "backend.kind")
     runner = RunnerSettings(
         lease_ttl_s=_positive(float(eng.get("lease_ttl_s", 30)), "engine.lease_ttl_s"),
         poll_interval_s=_positive(float(eng.get("poll_interval_s", 2)), "engine.poll_interval_s"),
-        timeouts_s={**DEFAULT_TIMEOUTS, **timeouts},
+        timeouts_s={**DEFAULT_TIMEOUTS, **timeouts.get(NODE_PATCH, {})},
         retry_attempts=int(_positive(retries.get("attempts", 3), "retries.attempts")),
         retry_backoff_s=_positive(float(retries.get("backoff_s", 5)), "retries.backoff_s"),
         retry_backoff_max_s=_positive(
@@ -214,8 +219,42 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         patcher=patcher_kind,
         patcher_options=patcher.get(patcher_kind, {}) if patcher_kind != "auto" else {},
         runner=runner,
+        timeouts_s=timeouts,
         log_file=data.get("log", {}).get("file"),
     )
+
+
+STEPPED = {NODE_PATCH: STATES[:5]}  # the states with a step, by workflow
+
+
+def _timeouts(data: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """`timeouts_s.<workflow>.<State>` (the flat `timeouts_s.<State>` of node_patch still
+    works): seconds a step may take."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in data.items():
+        where = f"timeouts_s.{key}"
+        if key in STEPPED and isinstance(value, Mapping):
+            for state, seconds in value.items():
+                _timeout_key(out, key, state, seconds, f"{where}.{state}")
+        elif key in STEPPED[NODE_PATCH]:
+            _timeout_key(out, NODE_PATCH, key, value, where)
+        else:
+            raise errors.ConfigError(
+                f"{where}: unknown key (known: a workflow, {', '.join(STEPPED)}, with its "
+                f"states; or one of {', '.join(STEPPED[NODE_PATCH])} for {NODE_PATCH})"
+            )
+    return out
+
+
+def _timeout_key(
+    out: dict[str, dict[str, float]], workflow: str, state: Any, seconds: Any, where: str
+) -> None:
+    if state not in STEPPED[workflow]:
+        known = ", ".join(STEPPED[workflow])
+        raise errors.ConfigError(f"{where}: unknown state (known: {known})")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise errors.ConfigError(f"{where}: must be a number (got {seconds!r})")
+    out.setdefault(workflow, {})[state] = _positive(float(seconds), where)
 
 
 def _check_remote_blocks(

@@ -17,7 +17,7 @@ from workflows.cli.common import (
     json_option,
     pass_app,
 )
-from workflows.node_patch import FINAL, STATES
+from workflows.node_patch import STATES
 
 # ---- database ----------------------------------------------------------------------------
 
@@ -55,7 +55,7 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
     run = app.store.resolve(run_ref)
     published = app.store.published(run.id)
     now = utcnow()
-    final = run.state in FINAL
+    final = run.state in app.registry.get(run.workflow, run.workflow_version).final
     stays = render.durations(app.store.events(run.id), now, final)
     journal = app.store.journal_entries(run.id)
     if as_json:
@@ -120,6 +120,7 @@ def runs_cmd(
 def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
     """The audit trail of RUN: every transition, lease, signal and wait, with actor and time."""
     run = app.store.resolve(run_ref)
+    app.registry.check(run.workflow, run.workflow_version)
     events = app.store.events(run.id)
     if as_json:
         emit(
@@ -133,7 +134,8 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
     else:
         click.echo(render.run_summary(run))
         click.echo(render.history_table(events))
-        click.echo(render.durations_table(render.durations(events, utcnow(), run.state in FINAL)))
+        final = run.state in app.registry.get(run.workflow, run.workflow_version).final
+        click.echo(render.durations_table(render.durations(events, utcnow(), final)))
         patched = render.patch_line(app.store.published(run.id))
         if patched:
             click.echo(patched)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -101,6 +101,7 @@ def plan_cmd(
 @click.option("--node", required=True)
 @with_policies
 @until_option
+@click.option("--detach", is_flag=True, help="Leave the run to `nodepatch worker` (exit 3).")
 @json_option
 @pass_app
 def start_cmd(
@@ -110,9 +111,13 @@ def start_cmd(
     non_ha: str | None,
     stopped_ha: str | None,
     until: str | None,
+    detach: bool,
     as_json: bool,
 ) -> None:
-    """Start patching NODE of CLUSTER and drive the run as far as it goes."""
+    """Start patching NODE of CLUSTER and drive the run as far as it goes (or, with --detach,
+    leave it to the workers)."""
+    if detach and until:
+        raise errors.UsageError("--detach and --until do not go together: workers drive to the end")
     params = _params(app, cluster, node, non_ha, stopped_ha)
     found = inventory(app, cluster)
     host = found.host(node)
@@ -124,10 +129,20 @@ def start_cmd(
     if params.patcher != EXTERNAL:
         app.patcher(params.patcher, params.cluster)  # invalid patcher settings: refuse now
     runner = app.runner()
-    run = runner.create(subject(params.cluster, params.node), params.to_json())
+    run = runner.create(subject(params.cluster, params.node), params.to_json(), detached=detach)
+    if detach:
+        _detached(app, run, as_json)
     if not as_json:
         click.echo(f"run {run.id} started for {run.subject}")
     _drive(app, runner, run.id, as_json, until=until)
+
+
+def _detached(app: App, run: Run, as_json: bool) -> NoReturn:
+    if as_json:
+        emit(render.run_json(run, app.store.published(run.id), "detached"))
+    else:
+        click.echo(f"run {run.id} for {run.subject} is left to the workers (`nodepatch worker`)")
+    sys.exit(EXIT_STOPPED)
 
 
 def _refuse_if_active(app: App, params: Params) -> None:
@@ -146,7 +161,7 @@ def _refuse_if_active(app: App, params: Params) -> None:
             f"node {params.node} is being patched by run {run.id} ({run.state}), held by "
             f"{run.lease_owner}"
         )
-    raise errors.UsageError(
+    raise errors.Busy(
         f"node {params.node} already has run {run.id} ({run.state}); "
         f"use `nodepatch resume {run.id}`, `nodepatch abort {run.id}` or "
         f"`nodepatch release {run.id} --reason TEXT`"
@@ -156,12 +171,22 @@ def _refuse_if_active(app: App, params: Params) -> None:
 @click.command("resume")
 @click.argument("run_ref", metavar="RUN")
 @until_option
+@click.option("--now", "early", is_flag=True, help="Wake a run sleeping on a timer now.")
+@click.option("--detach", is_flag=True, help="Hand the run over to `nodepatch worker` (exit 3).")
 @json_option
 @pass_app
-def resume_cmd(app: App, run_ref: str, until: str | None, as_json: bool) -> None:
+def resume_cmd(
+    app: App, run_ref: str, until: str | None, early: bool, detach: bool, as_json: bool
+) -> None:
     """Continue RUN where it stopped; a Failed run retries its failed step."""
     run = app.store.resolve(run_ref)
-    _drive(app, app.runner(), run.id, as_json, until=until, retry=True)
+    runner = app.runner_for(run)
+    if detach:
+        app.store.set_detached(run.id, True)
+        _detached(app, app.store.get(run.id), as_json)
+    if early:
+        app.store.wake(run.id, utcnow())
+    _drive(app, runner, run.id, as_json, until=until, retry=True)
 
 
 @click.command("signal")
@@ -171,7 +196,7 @@ def resume_cmd(app: App, run_ref: str, until: str | None, as_json: bool) -> None
 def signal_cmd(app: App, run_ref: str, name: str) -> None:
     """Send signal NAME (patched, abort) to RUN. It is consumed exactly once."""
     run = app.store.resolve(run_ref)
-    if app.runner().signal(run.id, name):
+    if app.runner_for(run).signal(run.id, name):
         click.echo(f"signal {name!r} recorded for run {run.id}")
     else:
         click.echo(f"signal {name!r} is already pending for run {run.id}; nothing recorded")
@@ -194,7 +219,7 @@ def abort_cmd(app: App, run_ref: str, wait_s: float, as_json: bool) -> None:
     states restored. Exit 0 when the run ends Aborted; 3 if the compensation is still going
     after --wait seconds (it goes on with `resume`)."""
     run = app.store.resolve(run_ref)
-    runner = app.runner()
+    runner = app.runner_for(run)
     if not runner.signal(run.id, "abort"):
         click.echo(f"abort was already recorded for run {run.id}", err=True)
     app.progress = _always(app.progress)  # an abort reports what it does, terminal or not
@@ -219,8 +244,9 @@ def release_cmd(app: App, run_ref: str, reason: str, as_json: bool) -> None:
     """Give up on RUN when it cannot finish (a node that never comes back): it ends Abandoned,
     its cluster lock is released, and the node and VMs are left as they are, listed."""
     run = app.store.resolve(run_ref)
+    app.registry.check(run.workflow, run.workflow_version)
     left = _left_as_is(app, run)
-    released = app.runner().release(run.id, reason, {"released": left})
+    released = app.runner_for(run).release(run.id, reason, {"released": left})
     published = app.store.published(run.id)
     if as_json:
         emit(render.run_json(released, published, "final"))
@@ -301,6 +327,13 @@ def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) 
             click.echo(
                 f"stopped before {stop.run.state}; continue with `nodepatch resume {stop.run.id}`"
             )
+    if stop.reason == "sleeping" and stop.run.wake_at:
+        click.echo(
+            f"run {stop.run.id} sleeps until {stop.run.wake_at:%Y-%m-%d %H:%M:%S} UTC; a worker "
+            f"wakes it then, or `nodepatch resume {stop.run.id}` after it (`--now` to wake it "
+            "now)",
+            err=True,
+        )
     if stop.reason == "interrupted":
         what = (
             f"the compensation did not finish within {bound:g} s"
@@ -317,7 +350,7 @@ def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) 
             ),
             err=True,
         )
-    if stop.reason in ("until", "waiting", "interrupted"):
+    if stop.reason in ("until", "waiting", "interrupted", "sleeping"):
         sys.exit(EXIT_STOPPED)
     if stop.run.state in (DONE, ABORTED):
         sys.exit(EXIT_WARNINGS if warnings else EXIT_DONE)

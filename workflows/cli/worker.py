@@ -1,0 +1,78 @@
+"""`nodepatch worker`: drive detached runs unattended until stopped."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+import click
+
+from engine.worker import Worker, WorkerSettings
+from workflows.app import App, actor
+from workflows.cli.common import EXIT_DONE, pass_app
+
+
+@click.command("worker")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Runs driven at once by this process.",
+)
+@click.option("--until-idle", is_flag=True, help="Exit 0 once nothing is due or in flight.")
+@click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between looks for due runs (PostgreSQL also wakes workers at once).",
+)
+@click.option(
+    "--yield-after",
+    "yield_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="A step waiting on the cluster gives its slot back after this long, and is resumed.",
+)
+@click.option(
+    "--grace",
+    "grace_s",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds SIGTERM/SIGINT waits for in-flight runs to reach a durable point.",
+)
+@pass_app
+def worker_cmd(
+    app: App, concurrency: int, until_idle: bool, poll_s: float, yield_s: float, grace_s: float
+) -> None:
+    """Claim due runs (started with --detach, woken by a signal or a timer) and drive each to its
+    next stop. Run one or more per site; several workers share one PostgreSQL database."""
+    settings = WorkerSettings(
+        concurrency=concurrency,
+        lease_ttl_s=app.settings.runner.lease_ttl_s,
+        poll_interval_s=poll_s,
+        yield_after_s=yield_s,
+    )
+    worker = Worker(app.store, app.runner_for, settings, owner=actor())
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        if worker.stop.is_set():
+            sys.exit(EXIT_DONE)  # a second signal: leave at once; leases expire by themselves
+        worker.request_stop()
+        click.echo(
+            f"nodepatch worker: {signal.Signals(signum).name}: no new runs; in-flight runs stop "
+            f"at their next durable point (at most {grace_s:g} s)",
+            err=True,
+        )
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    click.echo(f"nodepatch worker {actor()}: {concurrency} slot(s)", err=True)
+    worker.run(until_idle=until_idle, grace_s=grace_s)
+    click.echo(f"nodepatch worker: stopped after driving {worker.driven} run(s)", err=True)
+    sys.exit(EXIT_DONE)
