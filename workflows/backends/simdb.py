@@ -86,7 +86,7 @@ CREATE TABLE jobs (
     doc TEXT NOT NULL
 );
 CREATE INDEX jobs_by_cluster ON jobs (cluster, open, seq);
-CREATE INDEX open_jobs_by_target ON jobs (target) WHERE open = 1;
+CREATE INDEX open_jobs ON jobs (target, cluster) WHERE open = 1;
 CREATE TABLE faults (seq INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE counts (
     key TEXT NOT NULL,

@@ -94,7 +94,8 @@ class Rows:
     def load_busy(self) -> None:
         """Load every cluster that has an unfinished job (so that its jobs advance)."""
         for (cid,) in self.conn.execute(
-            "SELECT DISTINCT cluster FROM jobs WHERE open = 1"
+            "SELECT id FROM clusters WHERE EXISTS "
+            "(SELECT 1 FROM jobs WHERE cluster = clusters.id AND open = 1)"
         ).fetchall():
             self.load(cid)
 
@@ -121,8 +122,12 @@ class Rows:
             "WHERE cluster = ? ORDER BY seq",
             (cluster.id,),
         ).fetchall():
-            host = {"name": name, "memory_mb": memory, "maintenance": bool(maintenance)}
-            host["state"] = state
+            host = {
+                "name": name,
+                "memory_mb": memory,
+                "maintenance": bool(maintenance),
+                "state": state,
+            }
             cluster.hosts.append(host)
             self._hosts[key], self._host_cluster[key] = host, cluster.id
             self.reboots[key] = reboot
