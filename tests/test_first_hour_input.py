@@ -22,6 +22,7 @@ from alembic import command
 from engine import db
 from tests.clitools import Result, make_cli
 from tests.test_cli_acceptance import MIXED
+from workflows.backends import simfaults
 from workflows.backends.simulated import SimulatedCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,9 +218,12 @@ def test_an_unset_password_variable_fails_only_commands_that_connect(tmp_path: P
 
 
 def _generated(path: Path, change: Callable[[dict[str, Any]], object]) -> str:
-    """The text of a generated cluster file after change(document)."""
-    SimulatedCluster.generate(path)
-    document = json.loads(path.read_text(encoding="utf-8"))
+    """The text of a generated cluster file in the JSON format of an earlier nodepatch, after
+    change(document)."""
+    scenario = simfaults.generate(
+        hosts=3, vms=12, non_ha=0, stopped_ha=0, seed=0, cluster="cluster1"
+    )
+    document = simfaults.build_state(scenario, speed=0.0)
     change(document)
     return json.dumps(document)
 
@@ -338,7 +342,7 @@ def test_sim_init_refuses_to_replace_a_file_without_force(tmp_path: Path) -> Non
     assert_refused(nodepatch(tmp_path, "sim", "init", "--file", str(path)), str(path), "--force")
     assert path.read_text(encoding="utf-8") == "precious\n"
     assert nodepatch(tmp_path, "sim", "init", "--file", str(path), "--force").code == 0
-    assert json.loads(path.read_text(encoding="utf-8"))["clusters"]
+    assert SimulatedCluster(path).snapshot()["clusters"]
 
 
 # -- 8. the quick tour ---------------------------------------------------------------------------

@@ -48,7 +48,8 @@ _FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
 _SIDE_EFFECTS = frozenset({"delete_vm", "move_vm", "set_state"})
 _HOST_STATES = frozenset(s.value for s in base.HostState)
 _POWER_STATES = frozenset(s.value for s in base.PowerState)
-_TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed"})
+# `operations` is what `sim show --json` adds; a scenario may carry it, and it is ignored.
+_TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed", "operations"})
 
 
 def _fail(where: str, problem: str) -> errors.UsageError:
@@ -310,16 +311,24 @@ def _validate_vm(raw: Any, where: str, hosts: dict[str, str]) -> JSON:
 
 
 def generate(
-    *, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed: int, cluster: str
+    *,
+    hosts: int,
+    vms: int,
+    non_ha: int,
+    stopped_ha: int,
+    seed: int,
+    cluster: str,
+    prefix: str = "",
 ) -> JSON:
-    """A random scenario, deterministic by seed, in which the cluster can lose any one node."""
+    """A random scenario, deterministic by seed, in which the cluster can lose any one node.
+    Hosts are named `{prefix}hv01`.., VMs `{prefix}vm001`.."""
     if hosts < 1 or vms < 0 or non_ha < 0 or stopped_ha < 0 or non_ha + stopped_ha > vms:
         raise errors.UsageError(
             "generate needs hosts >= 1 and 0 <= non_ha + stopped_ha <= vms "
             f"(got hosts={hosts}, vms={vms}, non_ha={non_ha}, stopped_ha={stopped_ha})"
         )
     rng = random.Random(seed)
-    host_names = [f"hv{i + 1:02d}" for i in range(hosts)]
+    host_names = [f"{prefix}hv{i + 1:02d}" for i in range(hosts)]
     kinds = ["non_ha"] * non_ha + ["stopped"] * stopped_ha + ["ha"] * (vms - non_ha - stopped_ha)
     rng.shuffle(kinds)
     placement = [host_names[i % hosts] for i in range(vms)]
@@ -328,7 +337,7 @@ def generate(
     out_vms = [
         {
             "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-            "name": f"vm{i + 1:03d}",
+            "name": f"{prefix}vm{i + 1:03d}",
             "host": placement[i],
             "ha": kinds[i] != "non_ha",
             "state": "PowerOff" if kinds[i] == "stopped" else "Running",
@@ -343,6 +352,29 @@ def generate(
         ],
         "vms": out_vms,
     }
+
+
+def generate_fleet(
+    *, clusters: int, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed: int
+) -> JSON:
+    """`clusters` random clusters cluster1..clusterK, each as `generate` makes one (the counts
+    are per cluster), with hosts ck-hv01.. and VMs ck-vm001.. so that names are unique."""
+    if clusters < 1:
+        raise errors.UsageError(f"generate needs clusters >= 1 (got clusters={clusters})")
+    fleet: JSON = {"clusters": [], "vms": []}
+    for k in range(1, clusters + 1):
+        one = generate(
+            hosts=hosts,
+            vms=vms,
+            non_ha=non_ha,
+            stopped_ha=stopped_ha,
+            seed=seed * 1_000_003 + k - 1,
+            cluster=f"cluster{k}",
+            prefix=f"c{k}-",
+        )
+        fleet["clusters"] += one["clusters"]
+        fleet["vms"] += one["vms"]
+    return fleet
 
 
 def _specials_first_on(host: str, kinds: list[str], placement: list[str]) -> list[str]:
@@ -372,7 +404,7 @@ def _host_memory(vms: list[JSON], hosts: list[str]) -> int:
     return int(max(step, math.ceil(needed / step) * step))
 
 
-# -- the state file -----------------------------------------------------------------------------
+# -- the state document (what `build_state` makes; an earlier nodepatch's cluster file) ----------
 
 _STATE_KEYS = frozenset({"version", "speed", "clusters", "vms", "faults", "jobs", "counts"})
 _CLOCK_KEYS = frozenset({"sim_time", "real_time"})
@@ -385,8 +417,9 @@ _JOB_KEYS = frozenset(
 
 
 def check_state(state: Any) -> None:
-    """Raise UsageError naming the first thing wrong with a state document (what `sim init`
-    writes), so that a file of the wrong shape is refused before anything uses it."""
+    """Raise UsageError naming the first thing wrong with a state document (what `build_state`
+    makes, and what an earlier nodepatch wrote as the cluster file), so that a JSON cluster file
+    is refused naming what is wrong with it."""
     if not isinstance(state, dict):
         raise _fail("", f"expected a JSON object, got {type(state).__name__}")
     missing = sorted(_STATE_KEYS - set(state))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +27,32 @@ def sim_group() -> None:
 
 @sim_group.command("init")
 @click.option("--file", "path", required=True, type=click.Path())
-@click.option("--hosts", default=3, show_default=True, type=click.IntRange(1, 64))
-@click.option("--vms", default=12, show_default=True, type=click.IntRange(0, 10_000))
+@click.option(
+    "--clusters",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Clusters cluster1..clusterK; with more than one, hosts are c1-hv01.., VMs c1-vm001..",
+)
+@click.option(
+    "--hosts", default=3, show_default=True, type=click.IntRange(1, 64), help="Per cluster."
+)
+@click.option(
+    "--vms", default=12, show_default=True, type=click.IntRange(0, 10_000), help="Per cluster."
+)
 @click.option(
     "--non-ha",
     default=0,
     show_default=True,
     type=click.IntRange(0),
-    help="Running non-HA VMs, placed on the first host (hv01) first.",
+    help="Running non-HA VMs per cluster, placed on its first host (hv01) first.",
 )
 @click.option(
     "--stopped-ha",
     default=0,
     show_default=True,
     type=click.IntRange(0),
-    help="HA VMs that are off, placed on the first host (hv01) first.",
+    help="HA VMs that are off, per cluster, placed on its first host (hv01) first.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
@@ -59,6 +71,7 @@ def sim_group() -> None:
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 def sim_init(
     path: str,
+    clusters: int,
     hosts: int,
     vms: int,
     non_ha: int,
@@ -68,7 +81,7 @@ def sim_init(
     scenario: str | None,
     force: bool,
 ) -> None:
-    """Create a simulated cluster in FILE."""
+    """Create simulated clusters in FILE (an SQLite database that processes share)."""
     from workflows.backends.simulated import SimulatedCluster
 
     if Path(path).exists() and not force:
@@ -81,6 +94,7 @@ def sim_init(
         else:
             SimulatedCluster.generate(
                 path,
+                clusters=clusters,
                 hosts=hosts,
                 vms=vms,
                 non_ha=non_ha,
@@ -136,15 +150,28 @@ def _read_scenario(path: str) -> dict[str, Any]:
 
 @sim_group.command("show")
 @click.option("--file", "path", required=True, type=click.Path())
+@click.option("--cluster", help="Show this cluster's hosts and VMs only.")
 @json_option
-def sim_show(path: str, as_json: bool) -> None:
-    """Show the simulated cluster's hosts and VMs."""
+def sim_show(path: str, cluster: str | None, as_json: bool) -> None:
+    """Show the simulated clusters: hosts and VMs (one cluster), or a line per cluster (several),
+    and the operations done so far."""
     from workflows.backends.simulated import SimulatedCluster
 
-    snap = SimulatedCluster(path).snapshot()
-    if as_json:
-        emit(snap)
-        return
+    sim = SimulatedCluster(path)
+    try:
+        if as_json:
+            emit({**sim.snapshot(cluster), "operations": sim.operations(cluster)})
+            return
+        overview = sim.overview() if cluster is None else []
+        if len(overview) > 1:
+            _show_fleet(path, overview, sim.operations())
+        else:
+            _show_cluster(sim.snapshot(cluster))
+    except errors.NotFound as exc:
+        raise errors.UsageError(str(exc)) from exc
+
+
+def _show_cluster(snap: dict[str, Any]) -> None:
     for cluster in snap["clusters"]:
         click.echo(f"cluster {cluster['name']}")
         click.echo(
@@ -178,3 +205,27 @@ def sim_show(path: str, as_json: bool) -> None:
             ],
         )
     )
+
+
+_FLEET_COLUMNS = (
+    ("CLUSTER", "name"),
+    ("HOSTS", "hosts"),
+    ("MAINTENANCE", "maintenance"),
+    ("NOT_UP", "not_up"),
+    ("VMS", "vms"),
+    ("RUNNING", "running"),
+    ("REQUESTS", "requests"),
+    ("OPEN_JOBS", "open_jobs"),
+)
+
+
+def _show_fleet(path: str, overview: list[dict[str, Any]], operations: dict[str, int]) -> None:
+    """A line per cluster, the totals, and the operations done (the non-zero ones)."""
+    rows = [tuple(c[key] for _, key in _FLEET_COLUMNS) for c in overview]
+    totals = [sum(c[key] for c in overview) for _, key in _FLEET_COLUMNS[1:]]
+    rows.append(("(all)", *totals))
+    click.echo(render.table([title for title, _ in _FLEET_COLUMNS], rows))
+    done = ", ".join(f"{op} {n}" for op, n in operations.items() if n)
+    click.echo(f"operations: {done or 'none'}")
+    show = shlex.join(["nodepatch", "sim", "show", "--file", path, "--cluster", "C"])
+    click.echo(f"one cluster's hosts and VMs: `{show}`")
