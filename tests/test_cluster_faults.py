@@ -278,3 +278,19 @@ def test_abort_after_a_crash_mid_drain_brings_back_the_vms_the_run_moved(cli: Cl
     sim.clear_faults()
     time.sleep(d.LEASE_TTL_S)  # the dead holder's lease runs out
     _all_home_and_nobody_blamed(cli, sim, run.id, before)
+
+
+def test_a_vm_the_run_saved_is_started_even_where_someone_else_moved_it(cli: Cli) -> None:
+    """Under `save`, the non-HA VM is saved before the drain; someone moves it to hv2 while the
+    node patches. It is not moved back, but it is started where it is: the run never leaves a
+    VM it saved cut off (found by the property test)."""
+    sim = SimulatedCluster.create(
+        cli.sim, d.scenario(d.vm("h1", "hv1"), d.vm("n1", "hv1", ha=False))
+    )
+    sim.inject({"type": "move_vm", "vm": "n1", "to": "hv2", "on": "reboot_host"})
+    result = start(cli, "--non-ha", "save")
+    assert result.code == 5, result.err
+    assert d.placement(sim)["n1"] == ("hv2", "Running")
+    assert report(result)["n1"]["outcome"] == (
+        "skipped: moved by someone else to hv2 (the run left it on hv1), started"
+    )

@@ -354,7 +354,9 @@ class NodePatch:
         snapshot: planning.Plan,
         report: dict[str, dict[str, Any]],
     ) -> list[str]:
-        """Start again the VMs this run saved or shut down; note changes made by others."""
+        """Start again the VMs this run saved or shut down, wherever they are now (a VM someone
+        else moved is not moved back, but its users are not left cut off by this run); note
+        changes made by others."""
         inventory = self.backend.inventory(p.cluster)
         specs = []
         ours = {planning.Action.SAVE, planning.Action.SHUTDOWN}
@@ -362,7 +364,8 @@ class NodePatch:
             vm = inventory.vm(planned.id)
             entry = report[planned.id]
             job = f"start_vm:{planned.id}"
-            if vm is None or entry["outcome"].startswith("skipped"):
+            powered_by_us = planning.Action(planned.action) in ours
+            if vm is None or (entry["outcome"].startswith("skipped") and not powered_by_us):
                 continue
             if ctx.in_flight(job):
                 specs.append(self._reattach_spec("start_vm", vm.id, planned.name))
@@ -370,7 +373,7 @@ class NodePatch:
                 _note(entry, "started")
             elif str(vm.state) == planned.state:
                 continue
-            elif planning.Action(planned.action) in ours and planned.state == PowerState.RUNNING:
+            elif powered_by_us and planned.state == PowerState.RUNNING:
                 specs.append(self._spec("start_vm", vm.id, self.backend.start_vm, planned.name))
             else:
                 _note(
