@@ -364,3 +364,13 @@ def test_a_file_that_is_not_a_simulator_is_refused_naming_it(tmp_path: Path, cas
     plan = nodepatch(tmp_path, "--sim", str(path), "plan", "--cluster", "c1", "--node", "hv1")
     assert_refused(plan, str(path), problem)
     assert_refused(nodepatch(tmp_path, "sim", "show", "--file", str(path)), str(path), problem)
+
+
+def test_sim_show_uses_the_simulator_named_by_nodepatch_sim(tmp_path: Path) -> None:
+    """`sim show` needs no --file when --sim / NODEPATCH_SIM names the simulator."""
+    assert nodepatch(tmp_path, "sim", "init", "--file", "c.db", "--clusters", "2").code == 0
+    shown = nodepatch(tmp_path, "sim", "show", "--json", env={"NODEPATCH_SIM": "c.db"})
+    assert shown.code == 0, shown.err
+    assert len(json.loads(shown.out)["clusters"]) == 2
+    missing = nodepatch(tmp_path, "sim", "show")
+    assert missing.code == 2 and "--sim FILE / NODEPATCH_SIM" in missing.err

@@ -12,6 +12,7 @@ import yaml
 
 from engine import errors
 from workflows import render
+from workflows.app import App
 from workflows.cli.common import (
     emit,
     json_option,
@@ -149,14 +150,18 @@ def _read_scenario(path: str) -> dict[str, Any]:
 
 
 @sim_group.command("show")
-@click.option("--file", "path", required=True, type=click.Path())
+@click.option("--file", "path", type=click.Path(), help="Default: --sim / NODEPATCH_SIM.")
 @click.option("--cluster", help="Show this cluster's hosts and VMs only.")
 @json_option
-def sim_show(path: str, cluster: str | None, as_json: bool) -> None:
+@click.pass_obj
+def sim_show(app: App, path: str | None, cluster: str | None, as_json: bool) -> None:
     """Show the simulated clusters: hosts and VMs (one cluster), or a line per cluster (several),
     and the operations done so far."""
     from workflows.backends.simulated import SimulatedCluster
 
+    path = path or app.sim_file
+    if not path:
+        raise errors.UsageError("sim show: give --file FILE (or --sim FILE / NODEPATCH_SIM)")
     sim = SimulatedCluster(path)
     try:
         if as_json:
