@@ -4,7 +4,10 @@ For SQLite (a temporary file, WAL, synchronous=FULL) and PostgreSQL (127.0.0.1, 
   raw      single-row INSERT + COMMIT per iteration through the bare driver
   engine   persisted transitions/s of a no-op workflow (lease, CAS update, hashed audit event)
   nodepatch transitions/s of full node-patch runs on the zero-latency simulated cluster
-Each figure is the best of 3 rounds of `--seconds` each; ratios are engine/raw.
+Each figure is the best of 3 rounds of `--seconds` each; ratios are engine/raw. Statements and
+transactions per engine transition are counted (SQLAlchemy `before_cursor_execute` and `begin`
+events; the BEGIN that opens a transaction is not counted as a statement) over a few no-op runs
+outside the timed rounds. The figures are merged into bench.json (see benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy import event
 
+from benchmarks import results
 from engine import db
 from engine.runner import Runner, RunnerSettings
 from engine.store import Store
@@ -34,6 +39,8 @@ PG_URL = os.environ.get(
 )
 SETTINGS = RunnerSettings(lease_ttl_s=30, poll_interval_s=0.0001)
 CHAIN = ("S0", "S1", "S2", "S3", "S4")
+TARGET_RATIO = 0.2  # engine/raw, on SQLite (WAL, synchronous=FULL) and on PostgreSQL
+COUNTED_RUNS = 20
 
 
 def rate(fn: Callable[[], int], seconds: float) -> float:
@@ -116,19 +123,70 @@ def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
     return one
 
 
+class Counts:
+    """Statements and transactions an engine issues while counting (a context manager)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.statements = 0
+        self.transactions = 0
+
+    def _statement(self, _conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip()[:5].upper() != "BEGIN":
+            self.statements += 1
+
+    def _begin(self, _conn: object) -> None:
+        self.transactions += 1
+
+    def __enter__(self) -> Counts:
+        event.listen(self.engine, "before_cursor_execute", self._statement)
+        event.listen(self.engine, "begin", self._begin)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._statement)
+        event.remove(self.engine, "begin", self._begin)
+
+
+def per_transition(store: Store) -> tuple[float, float]:
+    """Statements and transactions per transition of the no-op workflow, whole runs included
+    (create, claim, the runner's reads, the transitions, release)."""
+    one = engine_rate(store)
+    with Counts(store.engine) as counts:
+        transitions = sum(one() for _ in range(COUNTED_RUNS))
+    return counts.statements / transitions, counts.transactions / transitions
+
+
 def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Path) -> None:
     engine = db.connect(url, create=True)
     db.upgrade(engine)
     store = Store(engine)
+    statements, transactions = per_transition(store)
     raw_rate = rate(raw, seconds)
     eng_rate = rate(engine_rate(store), seconds)
     np_rate = rate(nodepatch_rate(store, tmp / f"{name}.json"), seconds)
+    engine.dispose()
+    ratio = eng_rate / raw_rate
     print(
         f"{name:<10} raw commits/s {raw_rate:9.0f} | engine transitions/s {eng_rate:8.0f} "
-        f"(ratio {eng_rate / raw_rate:.3f}) | node-patch transitions/s {np_rate:7.1f} "
+        f"(ratio {ratio:.3f}, target {TARGET_RATIO}) | node-patch transitions/s {np_rate:7.1f} "
         f"(ratio {np_rate / raw_rate:.4f})"
     )
-    engine.dispose()
+    print(
+        f"{name:<10} per engine transition: {statements:.1f} statements, "
+        f"{transactions:.2f} transactions"
+    )
+    results.record(
+        {
+            f"engine_ratio_{name}": round(ratio, 4),
+            f"raw_commits_per_s_{name}": round(raw_rate, 1),
+            f"engine_transitions_per_s_{name}": round(eng_rate, 1),
+            f"nodepatch_transitions_per_s_{name}": round(np_rate, 1),
+            f"nodepatch_ratio_{name}": round(np_rate / raw_rate, 4),
+            f"engine_statements_per_transition_{name}": round(statements, 2),
+            f"engine_transactions_per_transition_{name}": round(transactions, 2),
+        }
+    )
 
 
 def main() -> None:
