@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from engine import audit, crashpoints, db, errors
+from engine import chain, crashpoints, db, errors
 from engine import schema as t
 from engine.model import Event, JournalEntry, Lease, Run, utcnow
 
@@ -620,7 +620,7 @@ class Store:
             "occurred_at": utcnow(),
             "details": json.loads(json.dumps(dict(details or {}), default=str)),
         }
-        prev_hash = prev or audit.GENESIS
-        head = audit.event_hash(prev_hash, audit.hashed_fields(event))
+        prev_hash = prev or chain.GENESIS
+        head = chain.event_hash(prev_hash, chain.hashed_fields(event))
         conn.execute(t.run_event.insert().values(**event, prev_hash=prev_hash, hash=head))
         conn.execute(t.run.update().where(t.run.c.id == run_id).values(audit_head=head))
