@@ -231,7 +231,7 @@ class Store:
     ) -> Run:
         now = utcnow()
         run_id = new_run_id(now)
-        with self._tx(read_only=True) as conn:
+        with self._tx() as conn:
             conn.execute(
                 t.run.insert().values(
                     id=run_id,
