@@ -318,12 +318,40 @@ class Store:
                 .values(lease_owner=None, lease_expires_at=None, heartbeat_at=None)
             )
 
-    def transition(self, lease: Lease, **change: Any) -> Run:
+    def transition(
+        self,
+        lease: Lease,
+        *,
+        from_state: str,
+        version: int,
+        trigger: str,
+        to_state: str,
+        final: bool = False,
+        publish: Mapping[str, Any] | None = None,
+        acquire: Sequence[str] = (),
+        release: Sequence[str] = (),
+        consume: Sequence[str] = (),
+        details: Mapping[str, Any] | None = None,
+        error: Mapping[str, Any] | None = None,
+    ) -> Run:
         """Change state (see `_transition`), retrying over a lost connection. If the lost
         connection had in fact committed, the run is already at the target: that is success."""
         for attempt in range(DB_RETRIES):
             try:
-                return self._transition(lease, **change)
+                return self._transition(
+                    lease,
+                    from_state=from_state,
+                    version=version,
+                    trigger=trigger,
+                    to_state=to_state,
+                    final=final,
+                    publish=publish,
+                    acquire=acquire,
+                    release=release,
+                    consume=consume,
+                    details=details,
+                    error=error,
+                )
             except errors.DatabaseUnavailable:
                 if attempt == DB_RETRIES - 1:
                     raise
@@ -331,8 +359,8 @@ class Store:
                 with suppress(errors.DatabaseUnavailable):
                     run = self.get(lease.run_id)
                     if (run.state, run.version, run.lease_token) == (
-                        change["to_state"],
-                        change["version"] + 1,
+                        to_state,
+                        version + 1,
                         lease.token,
                     ):
                         return run
