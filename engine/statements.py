@@ -63,6 +63,63 @@ lock_holder = sa.select(t.resource_lock.c.run_id).where(
 )
 
 
+def _load(pending: sa.ColumnElement[Any], published: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """The run with its pending signals (names, oldest first) and its published data
+    (`[key, value]` pairs in publishing order), as two JSON arrays: one statement."""
+    return sa.select(
+        t.run,
+        sa.type_coerce(pending, sa.JSON).label("pending_signals"),
+        sa.type_coerce(published, sa.JSON).label("published_data"),
+    ).where(_THIS_RUN)
+
+
+_signals = t.run_signal.c
+_data = t.published_data.c
+_SIGNALS_PENDING = (_signals.run_id == _p("run_id"), _signals.consumed_at.is_(None))
+_sqlite_signals = sa.select(_signals.name).where(*_SIGNALS_PENDING).order_by(_signals.id).subquery()
+_sqlite_data = (
+    sa.select(_data.key, _data.value)
+    .where(_data.run_id == _p("run_id"))
+    .order_by(_data.run_version, _data.key)
+    .subquery()
+)
+# SQLite aggregates rows in the order of an ordered subquery (which it never flattens into an
+# aggregate); PostgreSQL is given the order inside the aggregate.
+load = {
+    "sqlite": _load(
+        sa.select(sa.func.json_group_array(_sqlite_signals.c.name)).scalar_subquery(),
+        sa.select(
+            sa.func.json_group_array(
+                sa.func.json_array(_sqlite_data.c.key, sa.func.json(_sqlite_data.c.value))
+            )
+        ).scalar_subquery(),
+    ),
+    "postgresql": _load(
+        sa.select(
+            sa.func.coalesce(
+                sa.func.json_agg(postgresql.aggregate_order_by(_signals.name, _signals.id)),
+                sa.literal_column("'[]'::json"),
+            )
+        )
+        .where(*_SIGNALS_PENDING)
+        .scalar_subquery(),
+        sa.select(
+            sa.func.coalesce(
+                sa.func.json_agg(
+                    postgresql.aggregate_order_by(
+                        sa.func.json_build_array(_data.key, _data.value),
+                        _data.run_version,
+                        _data.key,
+                    )
+                ),
+                sa.literal_column("'[]'::json"),
+            )
+        )
+        .where(_data.run_id == _p("run_id"))
+        .scalar_subquery(),
+    ),
+}
+
 # ---- the run row --------------------------------------------------------------------------
 
 create_run = sa.insert(t.run).returning(*t.run.c)

@@ -143,10 +143,14 @@ class Store:
 
     @retried
     def load(self, run_id: str) -> tuple[Run, list[str], dict[str, Any]]:
-        """The run, its pending signals and its published data, read together."""
+        """The run, its pending signals and its published data, read together (one
+        statement: the runner reads this before every step)."""
         with self._tx(read_only=True) as conn:
-            run = self._get(conn, run_id)
-            return run, self._pending(conn, run_id), self._published(conn, run_id)
+            row = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings().first()
+        if row is None:
+            raise errors.RunNotFound(f"no run {run_id!r}")
+        published = {key: value for key, value in row["published_data"]}
+        return self._seen(Run.from_row(row)), list(row["pending_signals"]), published
 
     @retried
     def resolve(self, ref: str) -> Run:
