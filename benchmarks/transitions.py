@@ -4,10 +4,11 @@ For SQLite (a temporary file, WAL, synchronous=FULL) and PostgreSQL (127.0.0.1, 
   raw      single-row INSERT + COMMIT per iteration through the bare driver
   engine   persisted transitions/s of a no-op workflow (lease, CAS update, hashed audit event)
   nodepatch transitions/s of full node-patch runs on the zero-latency simulated cluster
-Each figure is the best of 3 rounds of `--seconds` each; ratios are engine/raw. Statements and
-transactions per engine transition are counted (SQLAlchemy `before_cursor_execute` and `begin`
-events; the BEGIN that opens a transaction is not counted as a statement) over a few no-op runs
-outside the timed rounds. The figures are merged into bench.json (see benchmarks/results.py).
+Each figure is the best of 3 rounds of `--seconds` each, the rounds of the three interleaved;
+ratios are engine/raw. Statements and transactions per engine transition are counted
+(SQLAlchemy `before_cursor_execute` and `begin` events; the BEGIN that opens a transaction is
+not counted as a statement) over a few no-op runs outside the timed rounds. The figures are
+merged into bench.json (see benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ TARGET_RATIO = 0.2  # engine/raw, on SQLite (WAL, synchronous=FULL) and on Postg
 COUNTED_RUNS = 20
 
 
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Best of three rounds: units per second."""
-    best = 0.0
+def rates(figures: dict[str, Callable[[], int]], seconds: float) -> dict[str, float]:
+    """Units per second of each figure, the best of three rounds. The rounds are interleaved
+    (raw, engine, node patch, raw, ...) so that each ratio compares figures taken under the
+    same load: on a shared machine the speed of the disk drifts from one second to the next."""
+    best = dict.fromkeys(figures, 0.0)
     for _ in range(3):
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            done += fn()
-        best = max(best, done / (time.perf_counter() - start))
+        for name, fn in figures.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                done += fn()
+            best[name] = max(best[name], done / (time.perf_counter() - start))
     return best
 
 
@@ -162,9 +166,15 @@ def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Pa
     db.upgrade(engine)
     store = Store(engine)
     statements, transactions = per_transition(store)
-    raw_rate = rate(raw, seconds)
-    eng_rate = rate(engine_rate(store), seconds)
-    np_rate = rate(nodepatch_rate(store, tmp / f"{name}.json"), seconds)
+    best = rates(
+        {
+            "raw": raw,
+            "engine": engine_rate(store),
+            "nodepatch": nodepatch_rate(store, tmp / f"{name}.json"),
+        },
+        seconds,
+    )
+    raw_rate, eng_rate, np_rate = best["raw"], best["engine"], best["nodepatch"]
     engine.dispose()
     ratio = eng_rate / raw_rate
     print(
