@@ -194,6 +194,13 @@ move_head = sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_head=_
 insert_event = sa.insert(t.run_event).inline()
 insert_signal = sa.insert(t.run_signal).inline()
 insert_lock = sa.insert(t.resource_lock).inline()
+insert_journal = sa.insert(t.step_journal).inline()
+# executed with the columns to set as further parameters (the SET clause names those given)
+update_journal = sa.update(t.step_journal).where(
+    t.step_journal.c.run_id == _p("journal_run"),
+    t.step_journal.c.step_key == _p("journal_step"),
+    t.step_journal.c.attempt == _p("journal_attempt"),
+)
 _pending = t.run_signal.alias("pending")
 release_locks = sa.delete(t.resource_lock).where(
     t.resource_lock.c.run_id == _p("run_id"),

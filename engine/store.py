@@ -576,20 +576,20 @@ class Store:
         now = utcnow()
         with self._tx() as conn:
             self._fenced(conn, lease)
-            key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
             changes = {"status": status, "lease_token": lease.token, "updated_at": now}
             if external_ref is not None:
                 changes["external_ref"] = external_ref
             if result is not None:
                 changes["result"] = dict(result)
-            updated = conn.execute(
-                t.step_journal.update()
-                .where(*(t.step_journal.c[k] == v for k, v in key.items()))
-                .values(**changes)
-            ).rowcount
-            if not updated:
+            where = {
+                "journal_run": lease.run_id,
+                "journal_step": step_key,
+                "journal_attempt": attempt,
+            }
+            if not conn.execute(q.update_journal, {**where, **changes}).rowcount:
+                key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
                 conn.execute(
-                    t.step_journal.insert().values(**key, **changes, state=state, created_at=now)
+                    q.insert_journal, {**key, **changes, "state": state, "created_at": now}
                 )
 
     # ---- helpers -----------------------------------------------------------------------
