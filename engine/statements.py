@@ -4,7 +4,7 @@ Building a SQLAlchemy statement and computing its cache key cost more than runni
 SQLite, so the store's frequent statements are built here once, with named bind parameters,
 and executed with a dict of values. SQLAlchemy computes each one's cache key once and compiles
 it once per dialect (the engine's compiled cache). Statements that differ per database (the
-upserts) are held per dialect name.
+one-statement load, the upsert) are held per dialect name.
 
 Every statement that appends to a run's audit trail moves `run.audit_head` from the event's
 `prev_hash` to its `hash` under the guard `audit_head IS NOT DISTINCT FROM :prev_head`, so two
@@ -63,13 +63,13 @@ lock_holder = sa.select(t.resource_lock.c.run_id).where(
 )
 
 
-def _load(pending: sa.ColumnElement[Any], published: sa.ColumnElement[Any]) -> sa.Select[Any]:
+def _load(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> sa.Select[Any]:
     """The run with its pending signals (names, oldest first) and its published data
     (`[key, value]` pairs in publishing order), as two JSON arrays: one statement."""
     return sa.select(
         t.run,
         sa.type_coerce(pending, sa.JSON).label("pending_signals"),
-        sa.type_coerce(published, sa.JSON).label("published_data"),
+        sa.type_coerce(data, sa.JSON).label("published_data"),
     ).where(_THIS_RUN)
 
 
