@@ -4,7 +4,7 @@ For SQLite (a temporary file, WAL, synchronous=FULL) and PostgreSQL (127.0.0.1, 
   raw      single-row INSERT + COMMIT per iteration through the bare driver
   engine   persisted transitions/s of a no-op workflow (lease, CAS update, hashed audit event)
   nodepatch transitions/s of full node-patch runs on the zero-latency simulated cluster
-Each figure is the best of 3 rounds of `--seconds` each, the rounds of the three interleaved;
+Each figure is the best of `--rounds` rounds of `--seconds` each, the rounds interleaved;
 ratios are engine/raw. Statements and transactions per engine transition are counted
 (SQLAlchemy `before_cursor_execute` and `begin` events; the BEGIN that opens a transaction is
 not counted as a statement) over a few no-op runs outside the timed rounds. The figures are
@@ -40,16 +40,20 @@ PG_URL = os.environ.get(
 )
 SETTINGS = RunnerSettings(lease_ttl_s=30, poll_interval_s=0.0001)
 CHAIN = ("S0", "S1", "S2", "S3", "S4")
+ROUNDS = 6
 TARGET_RATIO = 0.2  # engine/raw, on SQLite (WAL, synchronous=FULL) and on PostgreSQL
 COUNTED_RUNS = 20
 
 
-def rates(figures: dict[str, Callable[[], int]], seconds: float) -> dict[str, float]:
-    """Units per second of each figure, the best of three rounds. The rounds are interleaved
-    (raw, engine, node patch, raw, ...) so that each ratio compares figures taken under the
-    same load: on a shared machine the speed of the disk drifts from one second to the next."""
+def rates(
+    figures: dict[str, Callable[[], int]], seconds: float, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """Units per second of each figure, the best of its rounds. The rounds are interleaved
+    (raw, engine, node patch, raw, ...) and short, so that on a shared machine, where the speed
+    of the disk and the CPU left drift from one second to the next, every figure gets rounds in
+    the same quiet moments."""
     best = dict.fromkeys(figures, 0.0)
-    for _ in range(3):
+    for _ in range(rounds):
         for name, fn in figures.items():
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
@@ -161,7 +165,9 @@ def per_transition(store: Store) -> tuple[float, float]:
     return counts.statements / transitions, counts.transactions / transitions
 
 
-def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Path) -> None:
+def measure(
+    name: str, url: str, raw: Callable[[], int], tmp: Path, *, seconds: float, rounds: int
+) -> None:
     engine = db.connect(url, create=True)
     db.upgrade(engine)
     store = Store(engine)
@@ -173,6 +179,7 @@ def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Pa
             "nodepatch": nodepatch_rate(store, tmp / f"{name}.json"),
         },
         seconds,
+        rounds,
     )
     raw_rate, eng_rate, np_rate = best["raw"], best["engine"], best["nodepatch"]
     engine.dispose()
@@ -201,12 +208,18 @@ def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of each figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nodepatch-bench-") as tmpdir:
         tmp = Path(tmpdir)
         measure(
-            "sqlite", f"sqlite:///{tmp / 'bench.db'}", raw_sqlite(tmp / "raw.db"), args.seconds, tmp
+            "sqlite",
+            f"sqlite:///{tmp / 'bench.db'}",
+            raw_sqlite(tmp / "raw.db"),
+            tmp,
+            seconds=args.seconds,
+            rounds=args.rounds,
         )
         name = f"nodepatch_bench_{os.getpid()}"
         admin = sa.create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
@@ -222,7 +235,9 @@ def main() -> None:
             .render_as_string(hide_password=False)
         )
         try:
-            measure("postgresql", url, raw_postgres(url), args.seconds, tmp)
+            measure(
+                "postgresql", url, raw_postgres(url), tmp, seconds=args.seconds, rounds=args.rounds
+            )
         finally:
             with admin.connect() as conn:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
