@@ -27,7 +27,8 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## make bench: engine transitions/s next to the raw commit rate of the same database
+## make bench: engine transitions/s next to the raw commit rate of the same database; every
+## benchmark merges its figures by name into bench.json at the repository root
 bench: install
 	$(BIN)/python -m benchmarks.transitions
 

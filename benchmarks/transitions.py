@@ -4,7 +4,11 @@ For SQLite (a temporary file, WAL, synchronous=FULL) and PostgreSQL (127.0.0.1, 
   raw      single-row INSERT + COMMIT per iteration through the bare driver
   engine   persisted transitions/s of a no-op workflow (lease, CAS update, hashed audit event)
   nodepatch transitions/s of full node-patch runs on the zero-latency simulated cluster
-Each figure is the best of 3 rounds of `--seconds` each; ratios are engine/raw.
+Each figure is the best of `--rounds` rounds of `--seconds` each, the rounds interleaved;
+ratios are engine/raw. Statements and transactions per engine transition are counted
+(SQLAlchemy `before_cursor_execute` and `begin` events; the BEGIN that opens a transaction is
+not counted as a statement) over a few no-op runs outside the timed rounds. The figures are
+merged into bench.json (see benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy import event
 
+from benchmarks import results
 from engine import db
 from engine.runner import Runner, RunnerSettings
 from engine.store import Store
@@ -34,16 +40,25 @@ PG_URL = os.environ.get(
 )
 SETTINGS = RunnerSettings(lease_ttl_s=30, poll_interval_s=0.0001)
 CHAIN = ("S0", "S1", "S2", "S3", "S4")
+ROUNDS = 6
+TARGET_RATIO = 0.2  # engine/raw, on SQLite (WAL, synchronous=FULL) and on PostgreSQL
+COUNTED_RUNS = 20
 
 
-def rate(fn: Callable[[], int], seconds: float) -> float:
-    """Best of three rounds: units per second."""
-    best = 0.0
-    for _ in range(3):
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            done += fn()
-        best = max(best, done / (time.perf_counter() - start))
+def rates(
+    figures: dict[str, Callable[[], int]], seconds: float, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """Units per second of each figure, the best of its rounds. The rounds are interleaved
+    (raw, engine, node patch, raw, ...) and short, so that on a shared machine, where the speed
+    of the disk and the CPU left drift from one second to the next, every figure gets rounds in
+    the same quiet moments."""
+    best = dict.fromkeys(figures, 0.0)
+    for _ in range(rounds):
+        for name, fn in figures.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                done += fn()
+            best[name] = max(best[name], done / (time.perf_counter() - start))
     return best
 
 
@@ -116,29 +131,95 @@ def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
     return one
 
 
-def measure(name: str, url: str, raw: Callable[[], int], seconds: float, tmp: Path) -> None:
+class Counts:
+    """Statements and transactions an engine issues while counting (a context manager)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.statements = 0
+        self.transactions = 0
+
+    def _statement(self, _conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip()[:5].upper() != "BEGIN":
+            self.statements += 1
+
+    def _begin(self, _conn: object) -> None:
+        self.transactions += 1
+
+    def __enter__(self) -> Counts:
+        event.listen(self.engine, "before_cursor_execute", self._statement)
+        event.listen(self.engine, "begin", self._begin)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._statement)
+        event.remove(self.engine, "begin", self._begin)
+
+
+def per_transition(store: Store) -> tuple[float, float]:
+    """Statements and transactions per transition of the no-op workflow, whole runs included
+    (create, claim, the runner's reads, the transitions, release)."""
+    one = engine_rate(store)
+    with Counts(store.engine) as counts:
+        transitions = sum(one() for _ in range(COUNTED_RUNS))
+    return counts.statements / transitions, counts.transactions / transitions
+
+
+def measure(
+    name: str, url: str, raw: Callable[[], int], tmp: Path, *, seconds: float, rounds: int
+) -> None:
     engine = db.connect(url, create=True)
     db.upgrade(engine)
     store = Store(engine)
-    raw_rate = rate(raw, seconds)
-    eng_rate = rate(engine_rate(store), seconds)
-    np_rate = rate(nodepatch_rate(store, tmp / f"{name}.json"), seconds)
+    statements, transactions = per_transition(store)
+    best = rates(
+        {
+            "raw": raw,
+            "engine": engine_rate(store),
+            "nodepatch": nodepatch_rate(store, tmp / f"{name}.json"),
+        },
+        seconds,
+        rounds,
+    )
+    raw_rate, eng_rate, np_rate = best["raw"], best["engine"], best["nodepatch"]
+    engine.dispose()
+    ratio = eng_rate / raw_rate
     print(
         f"{name:<10} raw commits/s {raw_rate:9.0f} | engine transitions/s {eng_rate:8.0f} "
-        f"(ratio {eng_rate / raw_rate:.3f}) | node-patch transitions/s {np_rate:7.1f} "
+        f"(ratio {ratio:.3f}, target {TARGET_RATIO}) | node-patch transitions/s {np_rate:7.1f} "
         f"(ratio {np_rate / raw_rate:.4f})"
     )
-    engine.dispose()
+    print(
+        f"{name:<10} per engine transition: {statements:.1f} statements, "
+        f"{transactions:.2f} transactions"
+    )
+    results.record(
+        {
+            f"engine_ratio_{name}": round(ratio, 4),
+            f"raw_commits_per_s_{name}": round(raw_rate, 1),
+            f"engine_transitions_per_s_{name}": round(eng_rate, 1),
+            f"nodepatch_transitions_per_s_{name}": round(np_rate, 1),
+            f"nodepatch_ratio_{name}": round(np_rate / raw_rate, 4),
+            f"engine_statements_per_transition_{name}": round(statements, 2),
+            f"engine_transactions_per_transition_{name}": round(transactions, 2),
+        }
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of each figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nodepatch-bench-") as tmpdir:
         tmp = Path(tmpdir)
         measure(
-            "sqlite", f"sqlite:///{tmp / 'bench.db'}", raw_sqlite(tmp / "raw.db"), args.seconds, tmp
+            "sqlite",
+            f"sqlite:///{tmp / 'bench.db'}",
+            raw_sqlite(tmp / "raw.db"),
+            tmp,
+            seconds=args.seconds,
+            rounds=args.rounds,
         )
         name = f"nodepatch_bench_{os.getpid()}"
         admin = sa.create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
@@ -154,7 +235,9 @@ def main() -> None:
             .render_as_string(hide_password=False)
         )
         try:
-            measure("postgresql", url, raw_postgres(url), args.seconds, tmp)
+            measure(
+                "postgresql", url, raw_postgres(url), tmp, seconds=args.seconds, rounds=args.rounds
+            )
         finally:
             with admin.connect() as conn:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

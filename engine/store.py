@@ -1,6 +1,11 @@
 """All the engine's SQL. Every write is one transaction that first updates the run row under a
 guard (its lease token, and its state and version for transitions), so a stale writer changes
-nothing and gets StaleRun or LeaseLost instead."""
+nothing and gets StaleRun or LeaseLost instead.
+
+Every event is chained after the run's audit head (`engine.chain`): the write that appends it
+moves `run.audit_head` from the event's `prev_hash` to its `hash`, guarded by the old head, in
+the same UPDATE as the run's own change where there is one. The frequent statements are built
+once (`engine.statements`)."""
 
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from engine import audit, crashpoints, db, errors
+from engine import chain, crashpoints, db, errors
 from engine import schema as t
+from engine import statements as q
 from engine.model import Event, JournalEntry, Lease, Run, as_utc, utcnow
 
 log = logging.getLogger("nodepatch.store")
@@ -27,6 +33,7 @@ R = TypeVar("R")
 
 DB_RETRIES = 6
 DB_BACKOFF_S = 0.1
+HINTS_MAX = 1024
 
 
 def retried(method: Callable[P, R]) -> Callable[P, R]:
@@ -76,9 +83,41 @@ def _lease_lost(run: Run) -> errors.LeaseLost:
     return errors.lease_lost(run.id, run.lease_owner)
 
 
+def _event_fields(
+    run_id: str,
+    run_version: int,
+    kind: str,
+    *,
+    actor: str,
+    token: int,
+    now: dt.datetime,
+    trigger: str | None = None,
+    from_state: str | None = None,
+    to_state: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An event's fields, before it is chained; `details` as they will read back (plain JSON)."""
+    return {
+        "run_id": run_id,
+        "run_version": run_version,
+        "kind": kind,
+        "trigger": trigger,
+        "from_state": from_state,
+        "to_state": to_state,
+        "actor": actor,
+        "lease_token": token,
+        "occurred_at": now,
+        "details": json.loads(json.dumps(dict(details), default=str)) if details else {},
+    }
+
+
 class Store:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        # The audit head this store last saw of each run: a hint that lets a transition chain
+        # its event without reading the run first. The UPDATE checks it; a stale hint costs a
+        # read and a second UPDATE, never a wrong chain.
+        self._heads: dict[str, str | None] = {}
 
     @contextmanager
     def _tx(self, *, read_only: bool = False) -> Iterator[sa.Connection]:
@@ -102,20 +141,28 @@ class Store:
             return self._get(conn, run_id)
 
     def _get(self, conn: sa.Connection, run_id: str, *, lock: bool = False) -> Run:
-        query = sa.select(t.run).where(t.run.c.id == run_id)
-        if lock:
-            query = query.with_for_update()
-        row = conn.execute(query).mappings().first()
+        row = conn.execute(q.run_locked if lock else q.run, {"run_id": run_id}).mappings().first()
         if row is None:
             raise errors.RunNotFound(f"no run {run_id!r}")
-        return Run.from_row(row)
+        return self._seen(Run.from_row(row))
+
+    def _seen(self, run: Run) -> Run:
+        """Note the run's audit head as the hint for its next transition."""
+        if len(self._heads) >= HINTS_MAX:
+            self._heads.clear()
+        self._heads[run.id] = run.audit_head
+        return run
 
     @retried
     def load(self, run_id: str) -> tuple[Run, list[str], dict[str, Any]]:
-        """The run, its pending signals and its published data, read together."""
+        """The run, its pending signals and its published data, read together (one
+        statement: the runner reads this before every step)."""
         with self._tx(read_only=True) as conn:
-            run = self._get(conn, run_id)
-            return run, self._pending(conn, run_id), self._published(conn, run_id)
+            row = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings().first()
+        if row is None:
+            raise errors.RunNotFound(f"no run {run_id!r}")
+        published = {key: value for key, value in row["published_data"]}
+        return self._seen(Run.from_row(row)), list(row["pending_signals"]), published
 
     @retried
     def resolve(self, ref: str) -> Run:
@@ -169,11 +216,7 @@ class Store:
             return self._published(conn, run_id)
 
     def _published(self, conn: sa.Connection, run_id: str) -> dict[str, Any]:
-        rows = conn.execute(
-            sa.select(t.published_data.c.key, t.published_data.c.value)
-            .where(t.published_data.c.run_id == run_id)
-            .order_by(t.published_data.c.run_version, t.published_data.c.key)
-        )
+        rows = conn.execute(q.published, {"run_id": run_id})
         return {key: value for key, value in rows}
 
     @retried
@@ -203,12 +246,7 @@ class Store:
             return self._pending(conn, run_id)
 
     def _pending(self, conn: sa.Connection, run_id: str) -> list[str]:
-        rows = conn.execute(
-            sa.select(t.run_signal.c.name)
-            .where(t.run_signal.c.run_id == run_id, t.run_signal.c.consumed_at.is_(None))
-            .order_by(t.run_signal.c.id)
-        )
-        return [r[0] for r in rows]
+        return list(conn.execute(q.pending_signals, {"run_id": run_id}).scalars())
 
     @retried
     def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
@@ -254,45 +292,54 @@ class Store:
         naming the first. A child (`parent`, `child_key`) belongs to its parent's family."""
         now = utcnow()
         run_id = new_run_id(now)
-        family = {}
+        family: dict[str, Any] = {}
         if parent is not None:
             family = {
                 "parent_run_id": parent.id,
                 "root_run_id": parent.root,
                 "child_key": child_key,
             }
+        created = _event_fields(
+            run_id,
+            1,
+            "created",
+            actor=actor,
+            token=0,
+            now=now,
+            to_state=state,
+            details={"params": dict(params), **family},
+        )
+        event = chain.linked(created, chain.GENESIS)
         try:
             with self._tx() as conn:
-                conn.execute(
-                    t.run.insert().values(
-                        id=run_id,
-                        workflow=workflow,
-                        workflow_version=workflow_version,
-                        subject=subject,
-                        state=state,
-                        version=1,
-                        params=dict(params),
-                        created_by=actor,
-                        created_at=now,
-                        updated_at=now,
-                        detached=detached,
-                        wake_at=now if detached else None,
-                        **family,
+                row = (
+                    conn.execute(
+                        q.create_run,
+                        {
+                            "id": run_id,
+                            "workflow": workflow,
+                            "workflow_version": workflow_version,
+                            "subject": subject,
+                            "state": state,
+                            "version": 1,
+                            "params": dict(params),
+                            "created_by": actor,
+                            "created_at": now,
+                            "updated_at": now,
+                            "audit_head": event["hash"],
+                            "detached": detached,
+                            "wake_at": now if detached else None,
+                            "parent_run_id": family.get("parent_run_id"),
+                            "root_run_id": family.get("root_run_id"),
+                            "child_key": family.get("child_key"),
+                        },
                     )
+                    .mappings()
+                    .one()
                 )
-                self._event(
-                    conn,
-                    run_id,
-                    1,
-                    "created",
-                    actor=actor,
-                    token=0,
-                    to_state=state,
-                    details={"params": dict(params), **family},
-                )
+                conn.execute(q.insert_event, event)
                 if detached:
                     _notify(conn, run_id)
-                return self._get(conn, run_id)
         except sa.exc.IntegrityError as exc:
             active = self.runs(subject_prefix=subject, active_only=True, limit=20)
             winner = next((r for r in active if r.subject == subject), None)
@@ -302,6 +349,7 @@ class Store:
             raise errors.Busy(
                 f"{subject} already has the unfinished run {winner.id} ({winner.state}{holder})"
             ) from exc
+        return self._seen(Run.from_row(row))
 
     @retried
     def child(self, parent_id: str, child_key: str) -> Run | None:
@@ -465,28 +513,34 @@ class Store:
                     else f"run {run_id} is held by {run.lease_owner}"
                 )
             token = run.lease_token + 1
-            updated = conn.execute(
-                t.run.update()
-                .where(t.run.c.id == run_id, t.run.c.lease_token == run.lease_token)
-                .values(
-                    lease_owner=owner,
-                    lease_token=token,
-                    lease_expires_at=now + ttl,
-                    heartbeat_at=now,
-                )
-            ).rowcount
-            if updated != 1:
-                raise errors.Busy(f"run {run_id} was claimed by another process just now")
             previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
-            self._event(
-                conn,
+            leased = _event_fields(
                 run_id,
                 run.version,
                 "lease",
                 actor=owner,
                 token=token,
+                now=now,
                 details={"taken_over_from": previous} if previous else {},
             )
+            event = chain.linked(leased, self._prev_hash(conn, run))
+            updated = conn.execute(
+                q.claim,
+                {
+                    "run_id": run_id,
+                    "old_token": run.lease_token,
+                    "prev_head": run.audit_head,
+                    "owner": owner,
+                    "new_token": token,
+                    "expires_at": now + ttl,
+                    "now": now,
+                    "head": event["hash"],
+                },
+            ).rowcount
+            if updated != 1:
+                raise errors.Busy(f"run {run_id} was claimed by another process just now")
+            conn.execute(q.insert_event, event)
+        self._heads[run_id] = event["hash"]
         return Lease(run_id, owner, token)
 
     @retried
@@ -495,9 +549,13 @@ class Store:
         with self._tx() as conn:
             return (
                 conn.execute(
-                    t.run.update()
-                    .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
-                    .values(lease_expires_at=now + ttl, heartbeat_at=now)
+                    q.renew,
+                    {
+                        "run_id": lease.run_id,
+                        "token": lease.token,
+                        "expires_at": now + ttl,
+                        "now": now,
+                    },
                 ).rowcount
                 == 1
             )
@@ -505,18 +563,44 @@ class Store:
     @retried
     def release(self, lease: Lease) -> None:
         with self._tx() as conn:
-            conn.execute(
-                t.run.update()
-                .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
-                .values(lease_owner=None, lease_expires_at=None, heartbeat_at=None)
-            )
+            conn.execute(q.release, {"run_id": lease.run_id, "token": lease.token})
 
-    def transition(self, lease: Lease, **change: Any) -> Run:
+    def transition(
+        self,
+        lease: Lease,
+        *,
+        from_state: str,
+        version: int,
+        trigger: str,
+        to_state: str,
+        final: bool = False,
+        publish: Mapping[str, Any] | None = None,
+        acquire: Sequence[str] = (),
+        release: Sequence[str] = (),
+        consume: Sequence[str] = (),
+        details: Mapping[str, Any] | None = None,
+        error: Mapping[str, Any] | None = None,
+        cascade: Sequence[str] = (),
+    ) -> Run:
         """Change state (see `_transition`), retrying over a lost connection. If the lost
         connection had in fact committed, the run is already at the target: that is success."""
         for attempt in range(DB_RETRIES):
             try:
-                return self._transition(lease, **change)
+                return self._transition(
+                    lease,
+                    from_state=from_state,
+                    version=version,
+                    trigger=trigger,
+                    to_state=to_state,
+                    final=final,
+                    publish=publish,
+                    acquire=acquire,
+                    release=release,
+                    consume=consume,
+                    details=details,
+                    error=error,
+                    cascade=cascade,
+                )
             except errors.DatabaseUnavailable:
                 if attempt == DB_RETRIES - 1:
                     raise
@@ -524,8 +608,8 @@ class Store:
                 with suppress(errors.DatabaseUnavailable):
                     run = self.get(lease.run_id)
                     if (run.state, run.version, run.lease_token) == (
-                        change["to_state"],
-                        change["version"] + 1,
+                        to_state,
+                        version + 1,
                         lease.token,
                     ):
                         return run
@@ -554,39 +638,38 @@ class Store:
         parent due at once."""
         now = utcnow()
         new_version = version + 1
+        event_details = dict(details or {})
+        if error:
+            event_details["error"] = dict(error)
+        event = _event_fields(
+            lease.run_id,
+            new_version,
+            "transition",
+            actor=lease.owner,
+            token=lease.token,
+            now=now,
+            trigger=trigger,
+            from_state=from_state,
+            to_state=to_state,
+            details=event_details,
+        )
+        change = {
+            "run_id": lease.run_id,
+            "from_state": from_state,
+            "from_version": version,
+            "token": lease.token,
+            "to_state": to_state,
+            "to_version": new_version,
+            "now": now,
+            "new_error": dict(error) if error else None,
+            "new_failed_from": from_state if error else None,
+        }
         with self._tx() as conn:
-            values: dict[str, Any] = {
-                "state": to_state,
-                "version": new_version,
-                "updated_at": now,
-                "waiting_for": None,
-                "error": dict(error) if error else None,
-                "failed_from": from_state if error else None,
-                "finished_at": now if final else None,
-            }
-            if final:
-                values |= {"lease_owner": None, "lease_expires_at": None, "heartbeat_at": None}
-            updated = conn.execute(
-                t.run.update()
-                .where(
-                    t.run.c.id == lease.run_id,
-                    t.run.c.state == from_state,
-                    t.run.c.version == version,
-                    t.run.c.lease_token == lease.token,
-                )
-                .values(**values)
-            ).rowcount
-            if updated != 1:
-                self._raise_stale(conn, lease, from_state, version)
+            run, event = self._advance(conn, q.advance_final if final else q.advance, change, event)
             if acquire:
-                self._take_locks(conn, self._get(conn, lease.run_id), acquire, now)
+                self._take_locks(conn, run, acquire, now)
             if release:
-                conn.execute(
-                    t.resource_lock.delete().where(
-                        t.resource_lock.c.run_id == lease.run_id,
-                        t.resource_lock.c.resource.in_(list(release)),
-                    )
-                )
+                conn.execute(q.release_locks, {"run_id": lease.run_id, "resources": list(release)})
             self._consume(conn, lease.run_id, consume, now, new_version)
             for key, value in (publish or {}).items():
                 self._publish(
@@ -598,24 +681,9 @@ class Store:
                     version=new_version,
                     now=now,
                 )
-            event_details = dict(details or {})
-            if error:
-                event_details["error"] = dict(error)
-            self._event(
-                conn,
-                lease.run_id,
-                new_version,
-                "transition",
-                actor=lease.owner,
-                token=lease.token,
-                trigger=trigger,
-                from_state=from_state,
-                to_state=to_state,
-                details=event_details,
-            )
+            conn.execute(q.insert_event, event)
             for name in cascade:
                 self._signal_children(conn, lease, name, now)
-            run = self._get(conn, lease.run_id)
             if final and run.parent_run_id:
                 conn.execute(
                     t.run.update()
@@ -628,7 +696,36 @@ class Store:
                 _notify(conn, run.parent_run_id)
             crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
-        return run
+        return self._seen(run)
+
+    def _advance(
+        self, conn: sa.Connection, update: sa.Update, change: dict[str, Any], event: dict[str, Any]
+    ) -> tuple[Run, dict[str, Any]]:
+        """The guarded UPDATE of a transition, which also moves the audit head to its event;
+        the run as it is now and the event, chained. The previous head is the hint when there
+        is one; when the UPDATE finds the run changed, the run is read (locked): another
+        writer's transition or lease is StaleRun or LeaseLost, another event (a signal sent
+        meanwhile) only moved the head, and the UPDATE is repeated after that head."""
+        hint = self._heads.get(change["run_id"])
+        if hint is not None:
+            linked = chain.linked(event, hint)
+            row = conn.execute(update, {**change, "prev_head": hint, "head": linked["hash"]})
+            found = row.mappings().first()
+            if found is not None:
+                return Run.from_row(found), linked
+        run = self._get(conn, change["run_id"], lock=True)
+        if (run.state, run.version, run.lease_token) != (
+            change["from_state"],
+            change["from_version"],
+            change["token"],
+        ):
+            raise self._stale(run, change["token"], change["from_state"], change["from_version"])
+        linked = chain.linked(event, self._prev_hash(conn, run))
+        row = conn.execute(update, {**change, "prev_head": run.audit_head, "head": linked["hash"]})
+        found = row.mappings().first()
+        if found is None:  # the run is locked: another writer cannot have changed it
+            raise AssertionError(f"run {run.id} changed under its lock")
+        return Run.from_row(found), linked
 
     @retried
     def set_waiting(self, lease: Lease, signal: str, reason: str) -> None:
@@ -636,40 +733,44 @@ class Store:
             run = self._fenced(conn, lease)
             if run.waiting_for == signal:
                 return
-            conn.execute(
-                t.run.update().where(t.run.c.id == lease.run_id).values(waiting_for=signal)
-            )
-            self._event(
-                conn,
+            waiting = _event_fields(
                 lease.run_id,
                 run.version,
                 "waiting",
                 actor=lease.owner,
                 token=lease.token,
+                now=utcnow(),
                 details={"signal": signal, "reason": reason},
             )
+            self._append(conn, run, waiting, q.wait, token=lease.token, signal=signal)
 
     def send_signal(self, run_id: str, name: str, payload: Mapping[str, Any], actor: str) -> bool:
         """Record a signal; False (and nothing written) if the same one is already pending."""
         now = utcnow()
         with self._tx() as conn:
             run = self._get(conn, run_id, lock=True)
-            if name in self._pending(conn, run_id):
+            if conn.execute(q.signal_pending, {"run_id": run_id, "name": name}).first():
                 return False
             conn.execute(
-                t.run_signal.insert().values(
-                    run_id=run_id, name=name, payload=dict(payload), sent_by=actor, created_at=now
-                )
+                q.insert_signal,
+                {
+                    "run_id": run_id,
+                    "name": name,
+                    "payload": dict(payload),
+                    "sent_by": actor,
+                    "created_at": now,
+                },
             )
-            self._event(
-                conn,
+            signalled = _event_fields(
                 run_id,
                 run.version,
                 "signal",
                 actor=actor,
                 token=run.lease_token,
+                now=now,
                 details={"signal": name, **payload},
             )
+            self._append(conn, run, signalled)
             if run.detached:
                 _notify(conn, run_id)
         return True
@@ -690,43 +791,72 @@ class Store:
         now = utcnow()
         with self._tx() as conn:
             self._fenced(conn, lease)
-            key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
             changes = {"status": status, "lease_token": lease.token, "updated_at": now}
             if external_ref is not None:
                 changes["external_ref"] = external_ref
             if result is not None:
                 changes["result"] = dict(result)
-            updated = conn.execute(
-                t.step_journal.update()
-                .where(*(t.step_journal.c[k] == v for k, v in key.items()))
-                .values(**changes)
-            ).rowcount
-            if not updated:
+            where = {
+                "journal_run": lease.run_id,
+                "journal_step": step_key,
+                "journal_attempt": attempt,
+            }
+            if not conn.execute(q.update_journal, {**where, **changes}).rowcount:
+                key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
                 conn.execute(
-                    t.step_journal.insert().values(**key, **changes, state=state, created_at=now)
+                    q.insert_journal, {**key, **changes, "state": state, "created_at": now}
                 )
 
     # ---- helpers -----------------------------------------------------------------------
 
     def _fenced(self, conn: sa.Connection, lease: Lease) -> Run:
         """Touch the run row under our lease token (serialising writers) or raise LeaseLost."""
-        updated = conn.execute(
-            t.run.update()
-            .where(t.run.c.id == lease.run_id, t.run.c.lease_token == lease.token)
-            .values(updated_at=utcnow())
-        ).rowcount
-        if updated != 1:
+        row = conn.execute(
+            q.fence, {"run_id": lease.run_id, "token": lease.token, "now": utcnow()}
+        ).mappings()
+        found = row.first()
+        if found is None:
             raise _lease_lost(self._get(conn, lease.run_id))
-        return self._get(conn, lease.run_id)
+        return self._seen(Run.from_row(found))
 
-    def _raise_stale(self, conn: sa.Connection, lease: Lease, state: str, version: int) -> None:
-        run = self._get(conn, lease.run_id)
-        if run.lease_token != lease.token:
-            raise _lease_lost(run)
-        raise errors.StaleRun(
-            f"run {lease.run_id} is at {run.state} v{run.version}, not {state} v{version}: "
+    def _stale(self, run: Run, token: int, state: str, version: int) -> errors.EngineError:
+        """Why a transition from (state, version) under lease `token` found the run changed."""
+        if run.lease_token != token:
+            return _lease_lost(run)
+        return errors.StaleRun(
+            f"run {run.id} is at {run.state} v{run.version}, not {state} v{version}: "
             "another writer advanced it; nothing was overwritten"
         )
+
+    def _prev_hash(self, conn: sa.Connection, run: Run) -> str:
+        """The hash the run's next event follows: its audit head (runs from before the head
+        was recorded, migration 0002: the hash of their last event)."""
+        if run.audit_head is not None:
+            return run.audit_head
+        return conn.execute(q.last_hash, {"run_id": run.id}).scalar() or chain.GENESIS
+
+    def _append(
+        self,
+        conn: sa.Connection,
+        run: Run,
+        event: Mapping[str, Any],
+        update: sa.Update = q.move_head,
+        **values: Any,
+    ) -> None:
+        """Chain `event` after the audit head of `run` (read in this transaction, under lock
+        or after a fenced write): `update` moves the head, guarded by it, with `values`; then
+        the event is inserted."""
+        linked = chain.linked(event, self._prev_hash(conn, run))
+        moved = conn.execute(
+            update,
+            {**values, "run_id": run.id, "prev_head": run.audit_head, "head": linked["hash"]},
+        ).rowcount
+        if moved != 1:
+            raise errors.StaleRun(
+                f"run {run.id} changed while this process wrote to it; nothing was written"
+            )
+        conn.execute(q.insert_event, linked)
+        self._heads[run.id] = linked["hash"]
 
     def _signal_children(
         self, conn: sa.Connection, lease: Lease, name: str, now: dt.datetime
@@ -740,9 +870,14 @@ class Store:
             if name in self._pending(conn, child.id):
                 continue
             conn.execute(
-                t.run_signal.insert().values(
-                    run_id=child.id, name=name, payload={}, sent_by=lease.owner, created_at=now
-                )
+                q.insert_signal,
+                {
+                    "run_id": child.id,
+                    "name": name,
+                    "payload": {},
+                    "sent_by": lease.owner,
+                    "created_at": now,
+                },
             )
             _notify(conn, child.id)
             self._event(
@@ -762,9 +897,7 @@ class Store:
         itself) is already ours; one held by anyone else is LockHeld."""
         run_id = run.id
         for resource in resources:
-            holder = conn.execute(
-                sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
-            ).scalar()
+            holder = self._lock_holder(conn, resource)
             if holder in (run_id, run.root):
                 continue
             if holder is not None:
@@ -772,18 +905,14 @@ class Store:
             try:
                 with conn.begin_nested():
                     conn.execute(
-                        t.resource_lock.insert().values(
-                            resource=resource, run_id=run_id, acquired_at=now
-                        )
+                        q.insert_lock, {"resource": resource, "run_id": run_id, "acquired_at": now}
                     )
             except sa.exc.IntegrityError as exc:
                 holder = self._lock_holder(conn, resource) or "another run"
                 raise errors.LockHeld(resource, holder) from exc
 
     def _lock_holder(self, conn: sa.Connection, resource: str) -> str | None:
-        return conn.execute(
-            sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
-        ).scalar()
+        return conn.execute(q.lock_holder, {"resource": resource}).scalar()
 
     def _consume(
         self,
@@ -793,21 +922,14 @@ class Store:
         now: dt.datetime,
         version: int,
     ) -> None:
+        """Mark the oldest pending signal of each name consumed by run version `version`."""
         for name in names:
-            first = conn.execute(
-                sa.select(sa.func.min(t.run_signal.c.id)).where(
-                    t.run_signal.c.run_id == run_id,
-                    t.run_signal.c.name == name,
-                    t.run_signal.c.consumed_at.is_(None),
-                )
-            ).scalar()
-            if first is None:
+            consumed = conn.execute(
+                q.consume_signal,
+                {"signal_run": run_id, "signal_name": name, "now": now, "version": version},
+            ).rowcount
+            if not consumed:
                 raise errors.StaleRun(f"signal {name!r} of run {run_id} was already consumed")
-            conn.execute(
-                t.run_signal.update()
-                .where(t.run_signal.c.id == first)
-                .values(consumed_at=now, consumed_run_version=version)
-            )
 
     def _publish(
         self,
@@ -820,14 +942,18 @@ class Store:
         version: int,
         now: dt.datetime,
     ) -> None:
-        values = {"step": step, "value": value, "run_version": version, "published_at": now}
-        updated = conn.execute(
-            t.published_data.update()
-            .where(t.published_data.c.run_id == run_id, t.published_data.c.key == key)
-            .values(**values)
-        ).rowcount
-        if not updated:
-            conn.execute(t.published_data.insert().values(run_id=run_id, key=key, **values))
+        """Publish `key` (insert, or replace the run's earlier value of it)."""
+        conn.execute(
+            q.publish[conn.dialect.name],
+            {
+                "run_id": run_id,
+                "key": key,
+                "step": step,
+                "value": value,
+                "run_version": version,
+                "published_at": now,
+            },
+        )
 
     def _event(
         self,
@@ -843,25 +969,19 @@ class Store:
         to_state: str | None = None,
         details: Mapping[str, Any] | None = None,
     ) -> None:
-        prev = conn.execute(
-            sa.select(t.run_event.c.hash)
-            .where(t.run_event.c.run_id == run_id)
-            .order_by(t.run_event.c.id.desc())
-            .limit(1)
-        ).scalar()
-        event = {
-            "run_id": run_id,
-            "run_version": run_version,
-            "kind": kind,
-            "trigger": trigger,
-            "from_state": from_state,
-            "to_state": to_state,
-            "actor": actor,
-            "lease_token": token,
-            "occurred_at": utcnow(),
-            "details": json.loads(json.dumps(dict(details or {}), default=str)),
-        }
-        prev_hash = prev or audit.GENESIS
-        head = audit.event_hash(prev_hash, audit.hashed_fields(event))
-        conn.execute(t.run_event.insert().values(**event, prev_hash=prev_hash, hash=head))
-        conn.execute(t.run.update().where(t.run.c.id == run_id).values(audit_head=head))
+        """Append an event to a run this transaction has not read: the run is read under lock
+        for its head. (Writes that hold the run already use `_append`.)"""
+        run = self._get(conn, run_id, lock=True)
+        event = _event_fields(
+            run_id,
+            run_version,
+            kind,
+            actor=actor,
+            token=token,
+            now=utcnow(),
+            trigger=trigger,
+            from_state=from_state,
+            to_state=to_state,
+            details=details,
+        )
+        self._append(conn, run, event)

@@ -1,0 +1,241 @@
+"""The store's statements, built once at import.
+
+Building a SQLAlchemy statement and computing its cache key cost more than running it on
+SQLite, so the store's frequent statements are built here once, with named bind parameters,
+and executed with a dict of values. SQLAlchemy computes each one's cache key once and compiles
+it once per dialect (the engine's compiled cache). Statements that differ per database (the
+one-statement load, the upsert) are held per dialect name.
+
+Every statement that appends to a run's audit trail moves `run.audit_head` from the event's
+`prev_hash` to its `hash` under the guard `audit_head IS NOT DISTINCT FROM :prev_head`, so two
+writers can never chain two events after the same one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from engine import schema as t
+
+
+def _p(name: str) -> sa.BindParameter[Any]:
+    return sa.bindparam(name)
+
+
+_RUN = t.run.c
+_THIS_RUN = _RUN.id == _p("run_id")
+_HEAD_IS_PREV = _RUN.audit_head.is_not_distinct_from(_p("prev_head"))
+
+# ---- reads ----------------------------------------------------------------------------
+
+run = sa.select(t.run).where(_THIS_RUN)
+run_locked = run.with_for_update()
+last_hash = (
+    sa.select(t.run_event.c.hash)
+    .where(t.run_event.c.run_id == _p("run_id"))
+    .order_by(t.run_event.c.id.desc())
+    .limit(1)
+)
+pending_signals = (
+    sa.select(t.run_signal.c.name)
+    .where(t.run_signal.c.run_id == _p("run_id"), t.run_signal.c.consumed_at.is_(None))
+    .order_by(t.run_signal.c.id)
+)
+signal_pending = (
+    sa.select(t.run_signal.c.id)
+    .where(
+        t.run_signal.c.run_id == _p("run_id"),
+        t.run_signal.c.name == _p("name"),
+        t.run_signal.c.consumed_at.is_(None),
+    )
+    .limit(1)
+)
+published = (
+    sa.select(t.published_data.c.key, t.published_data.c.value)
+    .where(t.published_data.c.run_id == _p("run_id"))
+    .order_by(t.published_data.c.run_version, t.published_data.c.key)
+)
+lock_holder = sa.select(t.resource_lock.c.run_id).where(
+    t.resource_lock.c.resource == _p("resource")
+)
+
+
+def _load(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """The run with its pending signals (names, oldest first) and its published data
+    (`[key, value]` pairs in publishing order), as two JSON arrays: one statement."""
+    return sa.select(
+        t.run,
+        sa.type_coerce(pending, sa.JSON).label("pending_signals"),
+        sa.type_coerce(data, sa.JSON).label("published_data"),
+    ).where(_THIS_RUN)
+
+
+_signals = t.run_signal.c
+_data = t.published_data.c
+_SIGNALS_PENDING = (_signals.run_id == _p("run_id"), _signals.consumed_at.is_(None))
+_sqlite_signals = sa.select(_signals.name).where(*_SIGNALS_PENDING).order_by(_signals.id).subquery()
+_sqlite_data = (
+    sa.select(_data.key, _data.value)
+    .where(_data.run_id == _p("run_id"))
+    .order_by(_data.run_version, _data.key)
+    .subquery()
+)
+# SQLite aggregates rows in the order of an ordered subquery (which it never flattens into an
+# aggregate); PostgreSQL is given the order inside the aggregate.
+load = {
+    "sqlite": _load(
+        sa.select(sa.func.json_group_array(_sqlite_signals.c.name)).scalar_subquery(),
+        sa.select(
+            sa.func.json_group_array(
+                sa.func.json_array(_sqlite_data.c.key, sa.func.json(_sqlite_data.c.value))
+            )
+        ).scalar_subquery(),
+    ),
+    "postgresql": _load(
+        sa.select(
+            sa.func.coalesce(
+                sa.func.json_agg(postgresql.aggregate_order_by(_signals.name, _signals.id)),
+                sa.literal_column("'[]'::json"),
+            )
+        )
+        .where(*_SIGNALS_PENDING)
+        .scalar_subquery(),
+        sa.select(
+            sa.func.coalesce(
+                sa.func.json_agg(
+                    postgresql.aggregate_order_by(
+                        sa.func.json_build_array(_data.key, _data.value),
+                        _data.run_version,
+                        _data.key,
+                    )
+                ),
+                sa.literal_column("'[]'::json"),
+            )
+        )
+        .where(_data.run_id == _p("run_id"))
+        .scalar_subquery(),
+    ),
+}
+
+# ---- the run row --------------------------------------------------------------------------
+
+create_run = sa.insert(t.run).returning(*t.run.c)
+
+
+def _advance(*, final: bool) -> sa.Update:
+    """The compare-and-set of a transition: (state, version, lease token) and the audit head."""
+    values: dict[str, Any] = {
+        "state": _p("to_state"),
+        "version": _p("to_version"),
+        "updated_at": _p("now"),
+        "waiting_for": None,
+        "error": _p("new_error"),
+        "failed_from": _p("new_failed_from"),
+        "finished_at": _p("now") if final else None,
+        "audit_head": _p("head"),
+    }
+    if final:
+        values |= {"lease_owner": None, "lease_expires_at": None, "heartbeat_at": None}
+    return (
+        sa.update(t.run)
+        .where(
+            _THIS_RUN,
+            _RUN.state == _p("from_state"),
+            _RUN.version == _p("from_version"),
+            _RUN.lease_token == _p("token"),
+            _HEAD_IS_PREV,
+        )
+        .values(values)
+        .returning(*t.run.c)
+    )
+
+
+advance = _advance(final=False)
+advance_final = _advance(final=True)
+claim = (
+    sa.update(t.run)
+    .where(_THIS_RUN, _RUN.lease_token == _p("old_token"), _HEAD_IS_PREV)
+    .values(
+        lease_owner=_p("owner"),
+        lease_token=_p("new_token"),
+        lease_expires_at=_p("expires_at"),
+        heartbeat_at=_p("now"),
+        audit_head=_p("head"),
+    )
+)
+renew = (
+    sa.update(t.run)
+    .where(_THIS_RUN, _RUN.lease_token == _p("token"))
+    .values(lease_expires_at=_p("expires_at"), heartbeat_at=_p("now"))
+)
+release = (
+    sa.update(t.run)
+    .where(_THIS_RUN, _RUN.lease_token == _p("token"))
+    .values(lease_owner=None, lease_expires_at=None, heartbeat_at=None)
+)
+fence = (
+    sa.update(t.run)
+    .where(_THIS_RUN, _RUN.lease_token == _p("token"))
+    .values(updated_at=_p("now"))
+    .returning(*t.run.c)
+)
+wait = (
+    sa.update(t.run)
+    .where(_THIS_RUN, _RUN.lease_token == _p("token"), _HEAD_IS_PREV)
+    .values(waiting_for=_p("signal"), audit_head=_p("head"))
+)
+move_head = sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_head=_p("head"))
+
+# ---- the rows a write adds or changes -----------------------------------------------------
+
+insert_event = sa.insert(t.run_event).inline()
+insert_signal = sa.insert(t.run_signal).inline()
+insert_lock = sa.insert(t.resource_lock).inline()
+insert_journal = sa.insert(t.step_journal).inline()
+# executed with the columns to set as further parameters (the SET clause names those given)
+update_journal = sa.update(t.step_journal).where(
+    t.step_journal.c.run_id == _p("journal_run"),
+    t.step_journal.c.step_key == _p("journal_step"),
+    t.step_journal.c.attempt == _p("journal_attempt"),
+)
+_pending = t.run_signal.alias("pending")
+release_locks = sa.delete(t.resource_lock).where(
+    t.resource_lock.c.run_id == _p("run_id"),
+    t.resource_lock.c.resource.in_(sa.bindparam("resources", expanding=True)),
+)
+consume_signal = (
+    sa.update(t.run_signal)
+    .where(
+        t.run_signal.c.id
+        == sa.select(sa.func.min(_pending.c.id))
+        .where(
+            _pending.c.run_id == _p("signal_run"),  # not "run_id": a column of run_signal
+            _pending.c.name == _p("signal_name"),
+            _pending.c.consumed_at.is_(None),
+        )
+        .scalar_subquery()
+    )
+    .values(consumed_at=_p("now"), consumed_run_version=_p("version"))
+)
+
+
+def _publish(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
+    """Insert or replace one published value (the key is unique per run)."""
+    return insert.on_conflict_do_update(
+        index_elements=[t.published_data.c.run_id, t.published_data.c.key],
+        set_={
+            "step": insert.excluded.step,
+            "value": insert.excluded.value,
+            "run_version": insert.excluded.run_version,
+            "published_at": insert.excluded.published_at,
+        },
+    )
+
+
+publish = {
+    "sqlite": _publish(sqlite.insert(t.published_data)),
+    "postgresql": _publish(postgresql.insert(t.published_data)),
+}
