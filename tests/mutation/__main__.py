@@ -49,6 +49,7 @@ from cosmic_ray.work_db import WorkDB, use_db
 from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkItem, WorkResult
 
 from tests.mutation import coverage_pass as plugin
+from tests.mutation.equivalent import EQUIVALENT, squash
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / ".mutation"
@@ -97,6 +98,7 @@ OPERATORS = re.compile(
 )
 
 NOT_COVERED = "not covered: no test of the pool executes this line"
+EQUIVALENT_PREFIX = "equivalent: "
 
 TestMap = dict[str, dict[int, set[str]]]
 
@@ -242,7 +244,15 @@ def run_mutants(db: WorkDB, items: Sequence[WorkItem], select: Selector) -> None
     for number, item in enumerate(items, 1):
         started = time.monotonic()
         chosen = select(item)
-        if chosen:
+        why = equivalent(item)
+        if why:
+            result = WorkResult(
+                worker_outcome=WorkerOutcome.NORMAL,
+                test_outcome=TestOutcome.SURVIVED,
+                output=EQUIVALENT_PREFIX + why,
+                diff=_diff(item),
+            )
+        elif chosen:
             command = [sys.executable, "-m", "pytest", "-x", "--basetemp", str(WORK / "tmp")]
             limit = 30 + 3 * sum(select.durations.get(t, 1.0) for t in chosen)
             command += [*PYTEST, *chosen]
@@ -264,13 +274,40 @@ def run_mutants(db: WorkDB, items: Sequence[WorkItem], select: Selector) -> None
         )
 
 
-def _diff(item: WorkItem) -> str:
+def _mutated(item: WorkItem) -> tuple[list[str], list[str]]:
     m = item.mutations[0]
     source = (SRC / m.module_path).read_text(encoding="utf-8")
     operator = plugins.get_operator(m.operator_name)(**m.operator_args)
-    mutated = mutate_code(source, operator, m.occurrence) or source
-    lines = difflib.unified_diff(source.splitlines(), mutated.splitlines(), lineterm="", n=1)
-    return "\n".join(lines)
+    try:
+        mutated = mutate_code(source, operator, m.occurrence) or source
+    except AttributeError:  # cosmic-ray's ExceptionReplacer cannot rewrite `except a.b.Error`
+        mutated = source
+    return source.splitlines(), mutated.splitlines()
+
+
+def _diff(item: WorkItem) -> str:
+    source, mutated = _mutated(item)
+    return "\n".join(difflib.unified_diff(source, mutated, lineterm="", n=1))
+
+
+def equivalent(item: WorkItem) -> str | None:
+    """The reason the mutant is equivalent, if EQUIVALENT names it."""
+    m = item.mutations[0]
+    lines = (SRC / m.module_path).read_text(encoding="utf-8").splitlines()
+    here = squash("".join(lines[m.start_pos[0] - 1 : m.end_pos[0]]))
+    if not any(squash(entry.before) in here for entry in EQUIVALENT):
+        return None  # cheap: mutating the module takes a parse of it
+    source, mutated = _mutated(item)
+    matcher = difflib.SequenceMatcher(a=source, b=mutated, autojunk=False)
+    changed = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    if not changed:
+        return None
+    _tag, i1, i2, j1, j2 = changed[0]
+    before, after = squash("".join(source[i1:i2])), squash("".join(mutated[j1:j2]))
+    for entry in EQUIVALENT:
+        if entry.matches(_module(item), m.definition_name, before, after):
+            return entry.why
+    return None
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -282,6 +319,8 @@ def status(result: WorkResult) -> str:
     if result.test_outcome == TestOutcome.KILLED:
         return "timeout" if result.output == "timeout" else "killed"
     if result.test_outcome == TestOutcome.SURVIVED:
+        if (result.output or "").startswith(EQUIVALENT_PREFIX):
+            return "equivalent"
         return "not covered" if result.output == NOT_COVERED else "survived"
     return "error"
 
@@ -305,7 +344,7 @@ def _operator(item: WorkItem) -> str:
 
 def report(db: WorkDB, elapsed: float | None = None) -> None:
     done = sorted(db.completed_work_items, key=lambda pair: _order(pair[0]))
-    columns = ("killed", "survived", "not covered", "timeout", "error")
+    columns = ("killed", "survived", "not covered", "equivalent", "timeout", "error")
     lines = [f"{'module':26}" + "".join(f"{c:>13}" for c in columns)]
     for target in TARGETS:
         counts = Counter(status(r) for i, r in done if _module(i) == target)
@@ -316,15 +355,19 @@ def report(db: WorkDB, elapsed: float | None = None) -> None:
     if elapsed is not None:
         lines.append(f"run time {elapsed / 60:.1f} min")
     summary = "\n".join(lines)
-    details = []
+    details, equivalents = [], ["\n== equivalent (tests/mutation/equivalent.py)"]
     for item, result in done:
-        if status(result) != "killed":
-            m = item.mutations[0]
+        m = item.mutations[0]
+        where = f"{item.job_id} {m.module_path}:{m.start_pos[0]} {_operator(item)}"
+        if status(result) == "equivalent":
+            reason = (result.output or "").removeprefix(EQUIVALENT_PREFIX)
+            equivalents.append(f"{where}: {reason}")
+        elif status(result) != "killed":
             details.append(
-                f"\n== {status(result)} {item.job_id} {m.module_path}:{m.start_pos[0]} "
-                f"{_operator(item)} in {m.definition_name}\n{_short(result.diff)}"
+                f"\n== {status(result)} {where} in {m.definition_name}\n{_short(result.diff)}"
             )
-    REPORT.write_text(summary + "\n" + "".join(details) + "\n", encoding="utf-8")
+    text = "\n".join([summary, *details, *equivalents])
+    REPORT.write_text(text + "\n", encoding="utf-8")
     print(f"\n{summary}\nsurvivors and their diffs: {REPORT.relative_to(ROOT)}")
 
 
@@ -365,7 +408,8 @@ def command_rerun(ids: Iterable[str]) -> None:
         if wanted:
             items = [i for i, _ in done if i.job_id.startswith(wanted)]
         else:
-            items = [i for i, r in done if status(r) in ("survived", "not covered")]
+            again = ("survived", "not covered", "equivalent")
+            items = [i for i, r in done if status(r) in again]
         run_mutants(db, sorted(items, key=_order), select)
         report(db)
 
