@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutate clean
 
 install: $(VENV)/.installed
 
@@ -32,5 +32,10 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.transitions
 
+## make mutate: mutation testing of store, context, plan and node_patch (cosmic-ray, SQLite,
+## one mutant at a time, about 40 minutes; not in CI). Report: .mutation/report.txt
+mutate: install
+	$(BIN)/python -m tests.mutation
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .mutation .pytest_cache .mypy_cache .ruff_cache *.egg-info

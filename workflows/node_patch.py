@@ -318,7 +318,8 @@ class NodePatch:
             job = f"move_vm:{planned.id}"
             if vm is not None and ctx.in_flight(job):
                 specs.append(self._reattach_spec("move_vm", vm.id, planned.name))
-                free -= vm.memory_mb if vm.uses_memory else 0
+                arriving = vm.uses_memory and vm.host.lower() != p.node.lower()
+                free -= vm.memory_mb if arriving else 0  # once home, `free` already counts it
                 continue
             if vm is None or vm.host.lower() == p.node.lower():
                 continue

@@ -1,0 +1,1 @@
+"""`make mutate`: mutation testing of the durable core with cosmic-ray (see `__main__`)."""
