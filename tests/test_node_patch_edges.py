@@ -118,10 +118,12 @@ def test_a_run_aborted_before_its_preflight_ends_aborted_at_once(
 def test_a_run_refused_in_preflight_then_aborted_skips_the_compensation(
     store: Store, tmp_path: Path
 ) -> None:
-    """A run that failed its preflight (a running non-HA VM under `block`) touched nothing: its
-    abort goes from Failed straight to Aborted, not through Enabling and Rebalancing. (Kills
-    the `run.state == FAILED` test of `on_abort`.)"""
-    patch = Patch(store, tmp_path, d.vm("h1", "hv1"), d.vm("n1", "hv1", ha=False))
+    """A run that failed in its preflight (the cluster refused the credentials) touched
+    nothing: its abort goes from Failed straight to Aborted, not through Enabling and
+    Rebalancing. (Kills the `run.state == FAILED` test of `on_abort`.) A refusal proper ends
+    Refused and needs no abort at all."""
+    patch = Patch(store, tmp_path, d.vm("h1", "hv1"))
+    patch.sim.inject({"type": "auth_fails", "times": 1})
     assert patch.drive().run.state == "Failed"
     assert patch.abort().run.state == "Aborted"
     assert patch.transitions()[-2:] == [("Preflight", "Failed"), ("Failed", "Aborted")]
@@ -131,18 +133,19 @@ def test_a_run_refused_in_preflight_then_aborted_skips_the_compensation(
 def test_a_cluster_held_by_another_run_is_refused_in_preflight_naming_it(
     store: Store, tmp_path: Path
 ) -> None:
-    """While one run holds the cluster, a run for another node fails its preflight with a
-    published plan that names the holder, and touches nothing; the holder records the
+    """While one run holds the cluster, a run for another node is refused in its preflight with
+    a published plan that names the holder, and touches nothing; the holder records the
     workflow it runs. (Kills the lock-holder test of `preflight`.)"""
     first = Patch(store, tmp_path, d.vm("h1", "hv1"), d.vm("o1", "hv2"))
     assert first.drive(until="Patching").run.state == "Patching"
     before = first.ops()
     second = Patch(store, tmp_path, node="hv2", sim=first.sim)
     stop = second.drive()
-    assert (stop.run.state, stop.run.failed_from) == ("Failed", "Preflight")
+    assert (stop.run.state, stop.run.failed_from) == ("Refused", "Preflight")
     problems = store.published(second.run_id)["snapshot"]["problems"]
     assert problems == [
-        f"cluster c1 is held by nodepatch run {first.run_id}",
+        f"cluster c1 is held by nodepatch run {first.run_id}: wait for it to end, or "
+        f"`nodepatch abort {first.run_id}`",
         "node hv1 is already in maintenance mode",
     ]
     assert second.ops() == before
