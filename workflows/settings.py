@@ -20,6 +20,7 @@ import yaml
 from engine import errors
 from engine.runner import RunnerSettings
 from workflows import plan as planning
+from workflows.cycle import config as cycle_config
 from workflows.node_patch import NODE_PATCH, STATES
 
 BACKENDS = ("simulated", "vmm", "failover")
@@ -49,6 +50,7 @@ class Settings:
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
+    cycle: Mapping[str, Any] = field(default_factory=dict)  # CycleParams field defaults
 
     def runner_for(self, workflow: str) -> RunnerSettings:
         """The engine settings of one workflow: its own step timeouts over the defaults."""
@@ -78,6 +80,7 @@ _SCHEMA: dict[str, Any] = {
     "timeouts_s": dict,
     "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
     "log": {"file": str},
+    "cycle": dict,
 }
 
 
@@ -107,6 +110,8 @@ _PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("backend", "simulated", "file"),
     ("log", "file"),
     ("patcher", "script", "script_path"),
+    ("cycle", "pre_node_script"),
+    ("cycle", "post_node_script"),
     *(("backend", b, k) for b in CONNECTED_BACKENDS for k in ("password_file", "ca_bundle")),
     *(
         ("patcher", p, "connection", k)
@@ -221,10 +226,14 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         runner=runner,
         timeouts_s=timeouts,
         log_file=data.get("log", {}).get("file"),
+        cycle=cycle_config.defaults(data.get("cycle")),
     )
 
 
-STEPPED = {NODE_PATCH: STATES[:5]}  # the states with a step, by workflow
+STEPPED = {  # the states with a step, by workflow
+    NODE_PATCH: STATES[:5],
+    "cluster_cycle": ("Preflight", "Rolling", "Aborting"),
+}
 
 
 def _timeouts(data: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -139,7 +139,7 @@ def _file_handler(path: Path) -> logging.Handler:
         raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
-from workflows.cli import demo, inspect, runs, sim, worker  # noqa: E402 - the commands
+from workflows.cli import cycle, demo, inspect, runs, sim, worker  # noqa: E402 - the commands
 
 for command in (
     runs.plan_cmd,
@@ -148,6 +148,7 @@ for command in (
     runs.signal_cmd,
     runs.abort_cmd,
     runs.release_cmd,
+    cycle.cycle_group,
     worker.worker_cmd,
     inspect.status_cmd,
     inspect.runs_cmd,

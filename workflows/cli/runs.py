@@ -27,6 +27,7 @@ from workflows.cli.common import (
     until_option,
 )
 from workflows.cli.interrupts import graceful
+from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import ABORTED, DONE, EXTERNAL, Params, subject
 
 # ---- planning and running ----------------------------------------------------------------
@@ -186,6 +187,10 @@ def resume_cmd(
         _detached(app, app.store.get(run.id), as_json)
     if early:
         app.store.wake(run.id, utcnow())
+    if run.workflow == CLUSTER_CYCLE:  # a cycle drives its node runs too
+        from workflows.cli.cycle import drive
+
+        drive(app, run.id, as_json, retry=True)
     _drive(app, runner, run.id, as_json, until=until, retry=True)
 
 
@@ -220,6 +225,10 @@ def abort_cmd(app: App, run_ref: str, wait_s: float, as_json: bool) -> None:
     after --wait seconds (it goes on with `resume`)."""
     run = app.store.resolve(run_ref)
     runner = app.runner_for(run)
+    if run.workflow == CLUSTER_CYCLE:
+        from workflows.cli.cycle import abort_cmd as cycle_abort
+
+        click.get_current_context().invoke(cycle_abort, run_ref=run.id, as_json=as_json)
     if not runner.signal(run.id, "abort"):
         click.echo(f"abort was already recorded for run {run.id}", err=True)
     app.progress = _always(app.progress)  # an abort reports what it does, terminal or not
