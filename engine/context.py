@@ -217,7 +217,9 @@ class StepContext:
         if found is not None:
             return found
         result = dict(compute())
+        crashpoints.hit(f"before_fact:{name}")
         self._journal(self.key(name), 1, "succeeded", result=result)
+        crashpoints.hit(f"after_fact:{name}")
         return result
 
     def recalled(self, name: str) -> dict[str, Any] | None:

@@ -317,7 +317,11 @@ def _reboot_in_maintenance(world: simworld.World, name: str) -> str | None:
     host = world.find_host(name)
     if host is None or not host["maintenance"]:
         return None
-    return world.rows.reboots[host["name"].lower()]
+    found = world.rows.reboots[host["name"].lower()]
+    job = world.rows.job(found) if found else None
+    if job is not None and job["status"] in (base.JobStatus.FAILED, base.JobStatus.CANCELED):
+        return None  # a reboot that failed patched nothing: a retry patches again
+    return found
 
 
 def _snapshot(world: simworld.World, name: str | None) -> JSON:

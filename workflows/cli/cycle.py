@@ -242,13 +242,14 @@ def _finish(
         emit({**doc, "stopped": reason})
     else:
         click.echo(status_text(doc))
-        for child in waiting:
-            click.echo(
-                f"node run {child.id} ({child.params.get('node')}) waits for signal "
-                f"{child.waiting_for!r}: `nodepatch signal {child.id} {child.waiting_for}`, "
-                f"then `nodepatch resume {run.id}`",
-                err=True,
-            )
+    for child in waiting:
+        click.echo(
+            f"node run {child.id} ({child.params.get('node')}) waits for signal "
+            f"{child.waiting_for!r}: `nodepatch signal {child.id} {child.waiting_for}`, "
+            f"then `nodepatch resume {run.id}`",
+            err=True,
+        )
+    if not as_json:
         if reason == "sleeping" and run.wake_at and not waiting:
             why = doc.get("sleeping_because")
             click.echo(
