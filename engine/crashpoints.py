@@ -2,7 +2,8 @@
 
 `hit(name)` exits the process at once (os._exit, no cleanup, no commit) when the environment
 variable NODEPATCH_CRASH_AT equals name (its first passing in this process) or `name#N` (its
-N-th passing), or `prefix*` (the first point whose name starts with prefix), simulating a power cut or SIGKILL at that instant. Every point passed is recorded
+N-th passing), or `prefix*` (the first point whose name starts with prefix), simulating a
+power cut or SIGKILL at that instant. Every point passed is recorded
 when NODEPATCH_CRASH_TRACE names a file, so tests can list the points a run goes through.
 """
 

@@ -129,8 +129,9 @@ def test_more_failures_than_the_budget_halt_the_cycle_and_later_nodes_stay_untou
 
 
 def test_a_wave_too_large_for_the_cluster_shrinks_and_says_why(cli: Cli) -> None:
-    tight = d.scenario(*(d.vm(f"v{i}", f"hv{i % 3 + 1}", memory=6 * H) for i in range(6)),
-                       hosts=3, memory=32 * H)
+    tight = d.scenario(
+        *(d.vm(f"v{i}", f"hv{i % 3 + 1}", memory=6 * H) for i in range(6)), hosts=3, memory=32 * H
+    )
     SimulatedCluster.create(cli.sim, tight)
     result = cli("cycle", "plan", "--cluster", "c1", "--max-parallel", "3", "--json")
     assert result.code == 0, result.err
@@ -172,7 +173,9 @@ def test_the_estimate_comes_from_history_when_a_window_is_short(
 ) -> None:
     """A window with 20 minutes left: with no history, the default estimate (2 h) does not fit
     and the cycle sleeps; once a node has a Done run (seconds), its median fits and it goes."""
-    cli = d.make_cli(tmp_path, db_url, d.config(extra="cycle: {poll_s: 0.01, default_node_minutes: 120}\n"))
+    cli = d.make_cli(
+        tmp_path, db_url, d.config(extra="cycle: {poll_s: 0.01, default_node_minutes: 120}\n")
+    )
     sim = SimulatedCluster.create(cli.sim, FOUR)
     now = dt.datetime.now(dt.UTC)
     start = now - dt.timedelta(minutes=160)

@@ -48,7 +48,8 @@ def _options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--window",
             "windows",
             multiple=True,
-            help='Maintenance window, e.g. "Sat 22:00/8h Europe/Berlin" (repeatable; overrides cycle.windows).',
+            help='Maintenance window, e.g. "Sat 22:00/8h Europe/Berlin" (repeatable; '
+            "overrides cycle.windows).",
         ),
         click.option("--stop-after", help="Start no node after this long, e.g. 6h."),
         click.option("--health-check", help="Command run after each node; exit 0 passes."),
@@ -125,7 +126,7 @@ def _params(app: App, options: dict[str, Any]) -> CycleParams:
 @cycle_group.command("plan")
 @_options
 @pass_app
-def plan_cmd(app: App, as_json: bool, **options: Any) -> None:
+def plan_cmd(app: App, /, as_json: bool, **options: Any) -> None:
     """Show the cycle's plan without touching anything: the node order, the waves and why each
     has its size, every node's per-VM plan, and what would refuse the cycle (exit 1)."""
     params = _params(app, options)
@@ -180,7 +181,7 @@ def _plan_text(plan: dict[str, Any], params: CycleParams) -> str:
 @click.option("--detach", is_flag=True, help="Leave the cycle to `nodepatch worker` (exit 3).")
 @pass_app
 def start_cmd(
-    app: App, as_json: bool, until_node: str | None, detach: bool, **options: Any
+    app: App, /, as_json: bool, until_node: str | None, detach: bool, **options: Any
 ) -> None:
     """Start patching the whole cluster and drive the cycle (and its node runs) as far as it
     goes here; exit 0 when every node succeeded, 1 when a node failed (resume retries), 3 when
@@ -355,4 +356,4 @@ def _cycle(app: App, run_ref: str) -> Run:
     return run
 
 
-__all__ = ["cycle_group", "drive", "status_doc", "status_text", "show_duration"]
+__all__ = ["cycle_group", "drive", "show_duration", "status_doc", "status_text"]

@@ -3,32 +3,13 @@ once at the edge into CycleParams field values (the command line overrides each)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from engine import errors
 from workflows.cycle.params import OnNodeFailure
 from workflows.cycle.waves import Order
 from workflows.cycle.windows import parse_duration, parse_window
-
-KEYS = (
-    "order",
-    "max_parallel",
-    "max_failed_nodes",
-    "retries_per_node",
-    "soak",
-    "windows",
-    "stop_after",
-    "health_check",
-    "health_check_timeout_s",
-    "pre_node_script",
-    "post_node_script",
-    "on_node_failure",
-    "headroom_percent",
-    "default_node_minutes",
-    "poll_s",
-)
-PATH_KEYS = ("pre_node_script", "post_node_script")
 
 
 def defaults(data: Any) -> dict[str, Any]:
@@ -48,41 +29,60 @@ def defaults(data: Any) -> dict[str, Any]:
 
 def _one(key: str, value: Any, where: str) -> dict[str, Any]:
     try:
-        if key == "order":
-            return {"order_by": _choice(value, [o.value for o in Order], where)}
-        if key == "on_node_failure":
-            return {key: _choice(value, [o.value for o in OnNodeFailure], where)}
-        if key == "max_parallel":
-            if value == "auto":
-                return {key: None}
-            return {key: _count(value, where, minimum=1)}
-        if key in ("max_failed_nodes", "retries_per_node"):
-            return {key: _count(value, where, minimum=0)}
-        if key in ("soak", "stop_after"):
-            seconds = parse_duration(str(value), where).total_seconds()
-            return {f"{key}_s": seconds}
-        if key == "windows":
-            if not isinstance(value, list):
-                raise errors.ConfigError(f"{where}: must be a list of windows")
-            for i, spec in enumerate(value):
-                parse_window(str(spec), f"{where}[{i}]")
-            return {key: [str(s) for s in value]}
-        if key in ("health_check", "pre_node_script", "post_node_script"):
-            if not isinstance(value, str) or not value:
-                raise errors.ConfigError(f"{where}: must be a non-empty string")
-            return {key: value}
-        if key == "headroom_percent":
-            number = _number(value, where)
-            if not 0 <= number < 100:
-                raise errors.ConfigError(f"{where}: must be between 0 and 99 (got {value!r})")
-            return {"headroom": number / 100}
-        if key == "default_node_minutes":
-            return {"default_node_s": _number(value, where, positive=True) * 60}
-        if key == "health_check_timeout_s":
-            return {"health_timeout_s": _number(value, where, positive=True)}
-        return {key: _number(value, where, positive=True)}  # poll_s
+        return _CONVERT[key](value, where)
     except errors.UsageError as exc:
         raise errors.ConfigError(str(exc)) from None
+
+
+def _parallel(value: Any, where: str) -> dict[str, Any]:
+    return {"max_parallel": None if value == "auto" else _count(value, where, minimum=1)}
+
+
+def _windows(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, list):
+        raise errors.ConfigError(f"{where}: must be a list of windows")
+    for i, spec in enumerate(value):
+        parse_window(str(spec), f"{where}[{i}]")
+    return {"windows": [str(s) for s in value]}
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise errors.ConfigError(f"{where}: must be a non-empty string")
+    return value
+
+
+def _headroom(value: Any, where: str) -> dict[str, Any]:
+    number = _number(value, where)
+    if not 0 <= number < 100:
+        raise errors.ConfigError(f"{where}: must be between 0 and 99 (got {value!r})")
+    return {"headroom": number / 100}
+
+
+def _seconds(field: str) -> Callable[[Any, str], dict[str, Any]]:
+    return lambda v, w: {field: parse_duration(str(v), w).total_seconds()}
+
+
+_CONVERT: dict[str, Callable[[Any, str], dict[str, Any]]] = {
+    "order": lambda v, w: {"order_by": _choice(v, [o.value for o in Order], w)},
+    "on_node_failure": lambda v, w: {
+        "on_node_failure": _choice(v, [o.value for o in OnNodeFailure], w)
+    },
+    "max_parallel": _parallel,
+    "max_failed_nodes": lambda v, w: {"max_failed_nodes": _count(v, w, minimum=0)},
+    "retries_per_node": lambda v, w: {"retries_per_node": _count(v, w, minimum=0)},
+    "soak": _seconds("soak_s"),
+    "stop_after": _seconds("stop_after_s"),
+    "windows": _windows,
+    "health_check": lambda v, w: {"health_check": _text(v, w)},
+    "pre_node_script": lambda v, w: {"pre_node_script": _text(v, w)},
+    "post_node_script": lambda v, w: {"post_node_script": _text(v, w)},
+    "headroom_percent": _headroom,
+    "default_node_minutes": lambda v, w: {"default_node_s": _number(v, w, positive=True) * 60},
+    "health_check_timeout_s": lambda v, w: {"health_timeout_s": _number(v, w, positive=True)},
+    "poll_s": lambda v, w: {"poll_s": _number(v, w, positive=True)},
+}
+KEYS = tuple(_CONVERT)
 
 
 def _choice(value: Any, options: list[str], where: str) -> str:

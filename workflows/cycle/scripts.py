@@ -75,7 +75,7 @@ class RemoteScripts:
             return ScriptResult(False, f"cannot read {phase} script {path}: {exc.strerror}")
         params = {"Node": node, "Cluster": cluster, "Phase": phase}
         try:
-            out = self.patcher._run(node, [psrp.Cmd(body, params, script=True)])  # noqa: SLF001
+            out = self.patcher._run(node, [psrp.Cmd(body, params, script=True)])
         except errors.BackendError as exc:
             return ScriptResult(False, str(exc))
         return ScriptResult(True, "\n".join(str(o) for o in out)[-OUTPUT_LIMIT:])

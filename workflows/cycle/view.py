@@ -76,7 +76,7 @@ def current_round(published: Mapping[str, Any]) -> int:
 def waves_of(facts: Mapping[str, Mapping[str, Any]], round_: int) -> list[dict[str, Any]]:
     prefix = f"wave:r{round_}:"
     found = [(int(k[len(prefix) :]), v) for k, v in facts.items() if k.startswith(prefix)]
-    return [v for _i, v in sorted(found, key=lambda item: item[0])]
+    return [dict(v) for _i, v in sorted(found, key=lambda item: item[0])]
 
 
 def node_views(
@@ -110,40 +110,41 @@ def _view(
         )
     if not current:
         return NodeView(node, PENDING, runs[-1] if runs else None, 0, "not started")
-    run = current[-1]
+    return _current(node, current[-1], facts, retries_allowed)
+
+
+def _current(
+    node: str, run: Run, facts: Mapping[str, Mapping[str, Any]], retries_allowed: int
+) -> NodeView:
+    """Where a node stands from its run of this round."""
     retries = _retries(run, facts)
     attempts = 1 + retries
     compensated = f"compensate:{run.id}" in facts
+    reason = str((run.error or {}).get("reason", ""))
     if run.state == "Done":
         gate = facts.get(f"gate:{node}:{run.id}")
         if gate is None:
             return NodeView(node, GATING, run, attempts, "checking its health", None, retries)
         failed = "; ".join(str(c["detail"]) for c in gate.get("checks", []) if not c["ok"])
         return NodeView(node, FAILED, run, attempts, f"health gate failed: {failed}", gate, retries)
-    reason = str((run.error or {}).get("reason", ""))
     if run.finished_at is not None:  # Aborted, Refused, Abandoned
-        what = {
-            "Aborted": "failed, compensated (out of maintenance, VMs home)"
-            if compensated
-            else "aborted",
-            "Refused": f"refused: {reason}",
-            "Abandoned": f"released: {reason}",
-        }.get(run.state, run.state)
+        what = {"Refused": f"refused: {reason}", "Abandoned": f"released: {reason}"}.get(
+            run.state, "aborted"
+        )
         if run.state == "Aborted" and compensated:
             what = f"failed: {facts[f'compensate:{run.id}'].get('reason', '')}; compensated"
         return NodeView(node, FAILED, run, attempts, what, None, retries, compensated)
-    if run.failed_from is not None:
-        if compensated:
-            return NodeView(
-                node, COMPENSATING, run, attempts, f"compensation failed: {reason}", None, retries
-            )
-        if retries < retries_allowed:
-            return NodeView(node, RETRYING, run, attempts, f"failed: {reason}", None, retries)
-        return NodeView(node, FAILED, run, attempts, f"failed: {reason}", None, retries)
+    status, outcome = (
+        RUNNING,
+        (f"waiting for signal {run.waiting_for!r}" if run.waiting_for else run.state),
+    )
     if compensated:
-        return NodeView(node, COMPENSATING, run, attempts, "compensating", None, retries, True)
-    doing = f"waiting for signal {run.waiting_for!r}" if run.waiting_for else run.state
-    return NodeView(node, RUNNING, run, attempts, doing, None, retries)
+        status = COMPENSATING
+        outcome = f"compensation failed: {reason}" if run.failed_from else "compensating"
+    elif run.failed_from is not None:
+        status = RETRYING if retries < retries_allowed else FAILED
+        outcome = f"failed: {reason}"
+    return NodeView(node, status, run, attempts, outcome, None, retries, compensated)
 
 
 def _retries(run: Run, facts: Mapping[str, Mapping[str, Any]]) -> int:

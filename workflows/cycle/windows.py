@@ -82,8 +82,8 @@ class Window:
             bysecond=0,
             dtstart=begin.replace(microsecond=0),
         )
-        for start in weekly:
-            start = start.replace(tzinfo=zone) if start.tzinfo is None else start
+        for found in weekly:
+            start = found.replace(tzinfo=zone) if found.tzinfo is None else found
             utc = start.astimezone(dt.UTC)
             if utc + self.length > after:
                 yield utc, utc + self.length

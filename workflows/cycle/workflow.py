@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from engine.context import StepContext
@@ -125,7 +126,7 @@ class ClusterCycle:
                 f"{len(failed)} node(s) failed, more than --max-failed-nodes {p.max_failed_nodes}"
             )
         if halt is None and pending:
-            return self._next_wave(ctx, p, round_, nodes, pending, facts)
+            return self._next_wave(ctx, p, round_, nodes, facts)
         if not failed and not pending:
             consume = (CONTINUE,) if ctx.signal_pending(CONTINUE) else ()
             return Advance(
@@ -139,37 +140,25 @@ class ClusterCycle:
     def _act(self, ctx: StepContext, p: CycleParams, round_: int) -> None:
         """Gate the nodes whose run finished, retry or compensate the ones that failed."""
         facts = view.facts_of(ctx.jobs_in(ROLLING))
-        nodes = view.node_views(p.order, ctx.children(), facts, round_, p.retries_per_node)
-        for n in nodes:
-            run = n.run
-            if run is None:
+        for n in view.node_views(p.order, ctx.children(), facts, round_, p.retries_per_node):
+            if n.run is None:
                 continue
             if n.status == view.GATING:
-                result = ctx.remember(f"gate:{n.node}:{run.id}", lambda n=n: self._gate(ctx, p, n))
-                ok = "passed" if result["ok"] else "failed"
-                ctx.progress(f"{n.node}: health gate {ok}")
+                result = ctx.remember(f"gate:{n.node}:{n.run.id}", partial(self._gate, ctx, p, n))
+                ctx.progress(f"{n.node}: health gate {'passed' if result['ok'] else 'failed'}")
             elif n.status == view.RETRYING:
-                ctx.remember(
-                    f"retry:{run.id}:{n.retries + 1}",
-                    lambda run=run, n=n: {"retried": ctx.retry_child(run), "after": n.outcome},
-                )
+                ctx.remember(f"retry:{n.run.id}:{n.retries + 1}", partial(_retry, ctx, n))
                 ctx.progress(
                     f"{n.node}: {n.outcome}; retry {n.retries + 1} of {p.retries_per_node}"
                 )
             elif (
                 n.status == view.FAILED
-                and run.finished_at is None
+                and n.run.finished_at is None
                 and not n.compensated
                 and not p.leaves_failed_nodes
             ):
-                ctx.remember(
-                    f"compensate:{run.id}",
-                    lambda run=run, n=n: {
-                        "reason": n.outcome.removeprefix("failed: "),
-                        "sent": ctx.signal_child(run, ABORT),
-                    },
-                )
-                ctx.progress(f"{n.node}: {n.outcome}; compensating (aborting run {run.id})")
+                ctx.remember(f"compensate:{n.run.id}", partial(_compensate, ctx, n))
+                ctx.progress(f"{n.node}: {n.outcome}; compensating (aborting run {n.run.id})")
 
     def _gate(self, ctx: StepContext, p: CycleParams, n: view.NodeView) -> dict[str, Any]:
         assert n.run is not None
@@ -188,6 +177,9 @@ class ClusterCycle:
             "checks": [c.to_json() for c in found],
             "at": ctx.now().isoformat(),
         }
+
+    def _script(self, p: CycleParams, node: str, path: str, phase: str) -> dict[str, Any]:
+        return self.scripts.run(p.cluster, node, path, phase).to_json()
 
     def _halt_reason(
         self,
@@ -215,33 +207,19 @@ class ClusterCycle:
         p: CycleParams,
         round_: int,
         nodes: Sequence[view.NodeView],
-        pending: list[str],
         facts: dict[str, dict[str, Any]],
     ) -> StepResult:
-        done = {n.node for n in nodes if n.status == view.DONE}
-        if p.until_node and p.until_node in done and ctx.published.get("continued") != p.until_node:
-            if ctx.signal_pending(CONTINUE):
-                return Advance(CONTINUE, consume=(CONTINUE,), publish={"continued": p.until_node})
-            return Wait(
-                CONTINUE,
-                f"stopped after node {p.until_node} as asked (--until-node): continue with "
-                f"`nodepatch signal {ctx.run.id} {CONTINUE}` and `nodepatch resume {ctx.run.id}`",
-            )
+        pending = [n.node for n in nodes if n.status == view.PENDING]
         started = view.waves_of(facts, round_)
-        current = started[-1] if started else None
         index = len(started)
-        if current is not None and any(node in pending for node in current["nodes"]):
-            return self._start(ctx, p, round_, index - 1, current)  # a crash mid-start
-        if index and p.soak_s:
-            until = ctx.timer(f"soak:r{round_}:{index}", p.soak_s)
-            if ctx.now() < until:
-                return Sleep(
-                    until,
-                    f"soaking {show_duration(dt.timedelta(seconds=p.soak_s))} after wave {index}",
-                )
+        if started and any(node in pending for node in started[-1]["nodes"]):
+            return self._start(ctx, p, round_, index - 1, started[-1])  # a crash mid-start
+        held = _held_after(ctx, p, nodes) or _soak(ctx, p, round_, index)
+        if held is not None:
+            return held
         inventory = self.backend.inventory(p.cluster)
         left = [n.node for n in nodes if n.status == view.FAILED and p.leaves_failed_nodes]
-        trouble = _cluster_trouble(inventory, pending, left)
+        trouble = _cluster_trouble(inventory, left)
         if trouble:
             return self._halt(p, round_, nodes, "unexpected change to the cluster: " + trouble)
         wave = waves.next_wave(
@@ -253,35 +231,13 @@ class ClusterCycle:
             away=left,
         )
         estimate = max(self.estimate(p, node) for node in wave.nodes)
-        schedule = p.schedule
-        time_left = schedule.time_left(ctx.now())
-        need = dt.timedelta(seconds=estimate)
-        if time_left is None or time_left < need:
-            opening = schedule.next_opening(ctx.now(), long_enough=need)
-            if opening is None:
-                return self._halt(
-                    p,
-                    round_,
-                    nodes,
-                    f"no maintenance window is long enough for {', '.join(wave.nodes)} "
-                    f"(estimated {show_duration(need)})",
-                )
-            why = (
-                "no window is open"
-                if time_left is None
-                else (f"{show_duration(time_left)} left in the window")
-            )
-            return Sleep(
-                opening,
-                f"{why}; wave {index + 1} ({', '.join(wave.nodes)}) needs "
-                f"about {show_duration(need)}: waiting for the next window",
-            )
-        record = {
-            **wave.to_json(),
-            "estimate_s": estimate,
-            "left": left,
-            "at": ctx.now().isoformat(),
-        }
+        closed = _window(ctx, p, wave, index, estimate)
+        if isinstance(closed, str):
+            return self._halt(p, round_, nodes, closed)
+        if closed is not None:
+            return closed
+        record = {**wave.to_json(), "estimate_s": estimate, "left": left}
+        record["at"] = ctx.now().isoformat()
         chosen = ctx.remember(f"wave:r{round_}:{index}", lambda: record)
         ctx.progress(f"wave {index + 1}: {', '.join(chosen['nodes'])} ({chosen['reason']})")
         return self._start(ctx, p, round_, index, chosen)
@@ -294,12 +250,8 @@ class ClusterCycle:
         parallel = len(members) > 1 or bool(away_base)
         for node in members:
             if p.pre_node_script:
-                pre = ctx.remember(
-                    f"pre:{node}:r{round_}",
-                    lambda node=node: self.scripts.run(
-                        p.cluster, node, str(p.pre_node_script), "pre"
-                    ).to_json(),
-                )
+                script = partial(self._script, p, node, p.pre_node_script, "pre")
+                pre = ctx.remember(f"pre:{node}:r{round_}", script)
                 if not pre["ok"]:
                     ctx.progress(f"{node}: pre-node script failed; the node is skipped")
                     continue
@@ -351,10 +303,7 @@ class ClusterCycle:
                 count = sum(1 for k in tries if k.startswith(f"retry:{child.id}:"))
                 if count >= max(p.retries_per_node, 1):
                     continue
-                ctx.remember(
-                    f"retry:{child.id}:{count + 1}",
-                    lambda child=child: {"retried": ctx.retry_child(child)},
-                )
+                ctx.remember(f"retry:{child.id}:{count + 1}", partial(_retry_run, ctx, child))
         active = [c for c in ctx.children() if c.finished_at is None]
         stuck = [c for c in active if c.failed_from is not None and ABORT not in _pending(ctx, c)]
         if stuck and len(stuck) == len(active):
@@ -366,6 +315,21 @@ class ClusterCycle:
                 ctx.now() + dt.timedelta(seconds=p.poll_s), f"compensating node runs: {names}"
             )
         return Advance("aborted", release=(cluster_lock(p.cluster),))
+
+
+def _retry(ctx: StepContext, n: view.NodeView) -> dict[str, Any]:
+    assert n.run is not None
+    return {**_retry_run(ctx, n.run), "after": n.outcome}
+
+
+def _retry_run(ctx: StepContext, run: Run) -> dict[str, Any]:
+    return {"retried": ctx.retry_child(run)}
+
+
+def _compensate(ctx: StepContext, n: view.NodeView) -> dict[str, Any]:
+    assert n.run is not None
+    reason = n.outcome.removeprefix("failed: ")
+    return {"reason": reason, "sent": ctx.signal_child(n.run, ABORT)}
 
 
 def _pending(ctx: StepContext, child: Run) -> list[str]:
@@ -386,7 +350,63 @@ def _waiting(in_flight: Sequence[view.NodeView]) -> str:
     return "waiting for node runs: " + "; ".join(parts)
 
 
-def _cluster_trouble(inventory: Inventory, pending: Sequence[str], left: Sequence[str]) -> str:
+def _held_after(
+    ctx: StepContext, p: CycleParams, nodes: Sequence[view.NodeView]
+) -> StepResult | None:
+    """--until-node: once that node is done, wait for `continue` (the split-process pattern)."""
+    done = {n.node for n in nodes if n.status == view.DONE}
+    if not p.until_node or p.until_node not in done:
+        return None
+    if ctx.published.get("continued") == p.until_node:
+        return None
+    if ctx.signal_pending(CONTINUE):
+        return Advance(CONTINUE, consume=(CONTINUE,), publish={"continued": p.until_node})
+    return Wait(
+        CONTINUE,
+        f"stopped after node {p.until_node} as asked (--until-node): continue with "
+        f"`nodepatch signal {ctx.run.id} {CONTINUE}` and `nodepatch resume {ctx.run.id}`",
+    )
+
+
+def _soak(ctx: StepContext, p: CycleParams, round_: int, index: int) -> Sleep | None:
+    """The soak after a wave, a durable timer (the same moment after a crash or a wake-up)."""
+    if not index or not p.soak_s:
+        return None
+    until = ctx.timer(f"soak:r{round_}:{index}", p.soak_s)
+    if ctx.now() >= until:
+        return None
+    return Sleep(
+        until, f"soaking {show_duration(dt.timedelta(seconds=p.soak_s))} after wave {index}"
+    )
+
+
+def _window(
+    ctx: StepContext, p: CycleParams, wave: waves.Wave, index: int, estimate: float
+) -> Sleep | str | None:
+    """None when the wave fits in the time left in a window; else a Sleep until the next
+    window long enough, or why no window ever will be."""
+    schedule = p.schedule
+    time_left = schedule.time_left(ctx.now())
+    need = dt.timedelta(seconds=estimate)
+    if time_left is not None and time_left >= need:
+        return None
+    opening = schedule.next_opening(ctx.now(), long_enough=need)
+    names = ", ".join(wave.nodes)
+    if opening is None:
+        return f"no maintenance window is long enough for {names} (estimated {show_duration(need)})"
+    why = (
+        "no window is open"
+        if time_left is None
+        else f"{show_duration(time_left)} left in the window"
+    )
+    return Sleep(
+        opening,
+        f"{why}; wave {index + 1} ({names}) needs about {show_duration(need)}: waiting for the "
+        "next window",
+    )
+
+
+def _cluster_trouble(inventory: Inventory, left: Sequence[str]) -> str:
     """A node not patched by this cycle that went down or into maintenance meanwhile."""
     gone = {n.lower() for n in left}
     problems = []
@@ -397,7 +417,6 @@ def _cluster_trouble(inventory: Inventory, pending: Sequence[str], left: Sequenc
             problems.append(f"node {host.name} is down")
         elif host.maintenance:
             problems.append(f"node {host.name} is in maintenance (not by this cycle)")
-    del pending
     return "; ".join(problems)
 
 
