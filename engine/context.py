@@ -125,6 +125,7 @@ class StepContext:
             return dt.datetime.fromisoformat(str(entry.result["until"]))
         until = self.now() + dt.timedelta(seconds=seconds)
         self._journal(key, 1, "succeeded", result={"until": until.isoformat()})
+        crashpoints.hit(f"after_timer:{name}")
         return until
 
     # ---- child runs ----------------------------------------------------------------------

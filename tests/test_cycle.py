@@ -269,3 +269,26 @@ def test_a_crash_where_the_cycle_writes_resumes_to_the_same_end(cli: Cli, point:
     with d.store(cli.db_url) as store:
         children = store.children(run.id)
     assert sorted(c.params["node"] for c in children) == ["hv1", "hv2", "hv3", "hv4"]
+
+
+def test_the_soak_between_waves_is_a_durable_timer_that_survives_a_crash(cli: Cli) -> None:
+    """After the first wave the cycle sleeps for the soak (exit 3, wake_at an hour ahead); a
+    crash right after the timer was journaled resumes to the same wake-up time."""
+    sim = SimulatedCluster.create(cli.sim, FOUR)
+    crashed = cycle(cli, "--soak", "1h", env={"NODEPATCH_CRASH_AT": "after_timer:soak:r1:1"})
+    assert crashed.code == 137, crashed.err
+    with d.store(cli.db_url) as store:
+        (run,) = store.runs(workflow="cluster_cycle")
+        (timer,) = [e for e in store.journal_entries(run.id) if e.job == "timer:soak:r1:1"]
+    until = dt.datetime.fromisoformat(timer.result["until"])
+    resumed = d.resume_until_settled(cli, run.id)
+    assert resumed.code == 3, resumed.err
+    doc = resumed.json()
+    assert dt.datetime.fromisoformat(doc["wake_at"]) == until
+    assert "soaking 1h after wave 1" in doc["sleeping_because"]
+    assert dt.timedelta(minutes=59) < until - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=1)
+    done = [n for n in doc["nodes"] if n["status"] == "done"]
+    assert len(done) == 1  # one wave of one node, then the soak
+    assert sum(v for k, v in d.operations(sim.counts()).items() if k.startswith("enter_")) == 1
+    early = cli("resume", run.id, "--now", "--json")
+    assert early.code == 3 and len([n for n in early.json()["nodes"] if n["status"] == "done"]) == 2

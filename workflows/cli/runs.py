@@ -190,6 +190,8 @@ def resume_cmd(
     if run.workflow == CLUSTER_CYCLE:  # a cycle drives its node runs too
         from workflows.cli.cycle import drive
 
+        if early and run.wake_at is not None and not run.finished_at:
+            runner.signal(run.id, "continue")  # skip the soak or window it sleeps for
         drive(app, run.id, as_json, retry=True)
     _drive(app, runner, run.id, as_json, until=until, retry=True)
 

@@ -214,7 +214,7 @@ class ClusterCycle:
         index = len(started)
         if started and any(node in pending for node in started[-1]["nodes"]):
             return self._start(ctx, p, round_, index - 1, started[-1])  # a crash mid-start
-        held = _held_after(ctx, p, nodes) or _soak(ctx, p, round_, index)
+        held = _held_after(ctx, p, nodes) or _skip_wait(ctx, index) or _soak(ctx, p, round_, index)
         if held is not None:
             return held
         inventory = self.backend.inventory(p.cluster)
@@ -231,7 +231,11 @@ class ClusterCycle:
             away=left,
         )
         estimate = max(self.estimate(p, node) for node in wave.nodes)
-        closed = _window(ctx, p, wave, index, estimate)
+        closed = (
+            None
+            if index in ctx.published.get("go_now", [])
+            else (_window(ctx, p, wave, index, estimate))
+        )
         if isinstance(closed, str):
             return self._halt(p, round_, nodes, closed)
         if closed is not None:
@@ -368,9 +372,18 @@ def _held_after(
     )
 
 
+def _skip_wait(ctx: StepContext, index: int) -> Advance | None:
+    """`resume --now` on a sleeping cycle sends `continue`: the soak and the window wait before
+    wave `index` are skipped (recorded, so the skip survives the transition that consumes it)."""
+    if index in ctx.published.get("go_now", []) or not ctx.signal_pending(CONTINUE):
+        return None
+    go_now = [*ctx.published.get("go_now", []), index]
+    return Advance(CONTINUE, consume=(CONTINUE,), publish={"go_now": go_now})
+
+
 def _soak(ctx: StepContext, p: CycleParams, round_: int, index: int) -> Sleep | None:
     """The soak after a wave, a durable timer (the same moment after a crash or a wake-up)."""
-    if not index or not p.soak_s:
+    if not index or not p.soak_s or index in ctx.published.get("go_now", []):
         return None
     until = ctx.timer(f"soak:r{round_}:{index}", p.soak_s)
     if ctx.now() >= until:
