@@ -292,3 +292,26 @@ def test_the_soak_between_waves_is_a_durable_timer_that_survives_a_crash(cli: Cl
     assert sum(v for k, v in d.operations(sim.counts()).items() if k.startswith("enter_")) == 1
     early = cli("resume", run.id, "--now", "--json")
     assert early.code == 3 and len([n for n in early.json()["nodes"] if n["status"] == "done"]) == 2
+
+
+def test_a_vm_deleted_by_someone_else_during_a_node_run_halts_the_cycle(cli: Cli) -> None:
+    """While hv3 (first in order) is being patched, an administrator deletes its VM c1: the
+    gate finds it gone, and the cycle halts naming the change; the nodes not started stay
+    untouched."""
+    sim = SimulatedCluster.create(cli.sim, FOUR)
+    sim.inject({"type": "delete_vm", "vm": "c1", "on": "reboot_host"})
+    result = cycle(cli, "--max-failed-nodes", "3")
+    assert result.code == 1, result.err
+    doc = result.json()
+    reason = doc["error"]["reason"]
+    assert "unexpected change to the cluster" in reason and "'vm-c1' (c1) was deleted" in reason
+    by_node = nodes(result)
+    assert by_node["hv3"]["status"] == "failed"
+    assert not by_node["hv3"]["gate"]["ok"]
+    assert sorted(n for n, v in by_node.items() if v["status"] == "pending") == [
+        "hv1",
+        "hv2",
+        "hv4",
+    ]
+    ops = d.operations(sim.counts())
+    assert all(f"enter_maintenance:{h}" not in ops for h in ("hv1", "hv2", "hv4"))
