@@ -74,7 +74,7 @@ def build(family: Family, now: dt.datetime) -> dict[str, Any]:
         "report": {"format_version": FORMAT_VERSION, "generated_at": now.isoformat()},
         "kind": "cycle" if cycle else "node",
         "run": header(root.run, root.events, now),
-        "states": stays(root.events, now),
+        "states": stays(root.events, now, finished=root.run.finished_at is not None),
         "plan": plan,
         "nodes": nodes,
         "vm_actions": [row for n in nodes for r in n["runs"] for row in r["vms"]],
@@ -123,19 +123,21 @@ def duration_s(run: Run, now: dt.datetime) -> float:
     return round(((run.finished_at or now) - run.created_at).total_seconds(), 3)
 
 
-def stays(events: Sequence[Event], now: dt.datetime) -> list[dict[str, Any]]:
+def stays(events: Sequence[Event], now: dt.datetime, *, finished: bool) -> list[dict[str, Any]]:
     """Each stay in a state, from the audit trail's created and transition events: when it was
-    entered and left, by which trigger, and for how long (a stay not left yet runs to `now`)."""
+    entered and left, by which trigger, and for how long (a stay not left yet runs to `now`;
+    the state a finished run ended in has no length)."""
     entered = [e for e in events if e.kind in ("created", "transition")]
     out = []
     for i, event in enumerate(entered):
         left = entered[i + 1].occurred_at if i + 1 < len(entered) else None
+        seconds = None if left is None and finished else ((left or now) - event.occurred_at)
         out.append(
             {
                 "state": event.to_state,
                 "entered": event.occurred_at.isoformat(),
                 "left": left.isoformat() if left else None,
-                "seconds": round(((left or now) - event.occurred_at).total_seconds(), 3),
+                "seconds": None if seconds is None else round(seconds.total_seconds(), 3),
                 "trigger": event.trigger,
                 "actor": event.actor,
                 "event_id": event.id,
@@ -165,7 +167,7 @@ def node_run(rec: RunRecord, now: dt.datetime, facts: Mapping[str, Any]) -> dict
         "node": node,
         "child_key": run.child_key,
         "round": int(found["round"]) if found else None,
-        "states": stays(rec.events, now),
+        "states": stays(rec.events, now, finished=run.finished_at is not None),
         "attempts": 1 + len(tried),
         "retries": tried,
         "patch": rec.published.get("patch"),

@@ -44,7 +44,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans
  color:#1d2330;margin:24px auto;max-width:1200px;padding:0 16px;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #dde}
 h3{font-size:15px;margin:18px 0 6px}h4{font-size:14px;margin:12px 0 4px;color:#445}
-table{border-collapse:collapse;margin:6px 0 12px;width:100%}
+table{border-collapse:collapse;margin:6px 0 12px;width:100%}table.kv th{width:170px}
 th,td{border:1px solid #d5d9e2;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f2f4f8;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 code,.mono{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px}
@@ -111,10 +111,20 @@ def _seconds(value: float | None) -> str:
     return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
+def _table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+    """A table; without headers, a key-value table whose first column is the header."""
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<th>{e(c)}</th>" if not headers and i == 0 else _td(c) for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    if not headers:
+        return f'<table class="kv"><tbody>{body}</tbody></table>'
     head = "".join(f"<th>{e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in rows)
-    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _td(cell: Any) -> str:
@@ -136,7 +146,7 @@ def _summary(report: Mapping[str, Any]) -> str:
         ("actors", ", ".join(run["actors"])),
         ("options", Raw(f"<code>{e(json.dumps(run['params'], sort_keys=True))}</code>")),
     ]
-    return "<h2>Run</h2>" + _table(("", ""), rows)
+    return "<h2>Run</h2>" + _table(None, rows)
 
 
 def _outcome(state: str | None, text: str) -> str:

@@ -83,7 +83,7 @@ def _axis(t0: dt.datetime, span: float, plot: float, height: int) -> list[str]:
         at = t0 + dt.timedelta(seconds=span * i / TICKS)
         px = LABEL_W + plot * i / TICKS
         anchor = "start" if i == 0 else ("end" if i == TICKS else "middle")
-        label = at.astimezone(dt.UTC).strftime("%H:%M:%S" if span < 86400 else "%m-%d %H:%M")
+        label = _tick(at.astimezone(dt.UTC), span)
         out.append(
             f'<line x1="{px:.1f}" y1="{AXIS_H - 6}" x2="{px:.1f}" y2="{height - PAD}" '
             'stroke="#dde2ea" stroke-width="1"/>'
@@ -91,6 +91,13 @@ def _axis(t0: dt.datetime, span: float, plot: float, height: int) -> list[str]:
             f'text-anchor="{anchor}">{label}</text>'
         )
     return out
+
+
+def _tick(at: dt.datetime, span: float) -> str:
+    """A tick's label, as fine as the span needs (UTC)."""
+    if span < 60:
+        return f"{at:%H:%M:%S}.{at.microsecond // 1000:03d}"
+    return f"{at:%H:%M:%S}" if span < 86400 else f"{at:%m-%d %H:%M}"
 
 
 def _row(
