@@ -138,11 +138,11 @@ PLAN = {
 }
 
 
-def run_cycle(store: Store, sim: SimulatedCluster) -> str:
+def run_cycle(store: Store, sim: SimulatedCluster, plan: Mapping[str, Any] = PLAN) -> str:
     """Drive the test cycle and its node runs to the end, as a cycle and its workers would:
     a Failed node run is retried from its failed step."""
     reg = Registry()
-    reg.add("test_cycle", 1, MiniCycle(PLAN).workflow)
+    reg.add("test_cycle", 1, MiniCycle(plan).workflow)
     parent = Runner(
         store, reg.get("test_cycle", 1), SETTINGS, actor="bob@ops:2", initial_states=_initial
     )
@@ -379,6 +379,19 @@ def test_the_browser_check_catches_a_broken_page(tmp_path: Path) -> None:
     assert any("boom" in e for e in seen.errors)
     assert any("undefinedCall" in e for e in seen.errors)
     assert any(r.startswith("http://127.0.0.1:9/") for r in seen.requests)
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_without_chromium_the_browser_test_skips_unless_required(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, required: bool
+) -> None:
+    """No chromium on PATH: a skip that says how to install it; under
+    NODEPATCH_REQUIRE_BROWSER=1 (CI) a failure instead."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv(browser.REQUIRE, "1" if required else "0")
+    expected = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(expected, match="install-chromium"):
+        browser.require()
 
 
 # ---- the command line ------------------------------------------------------------------------
