@@ -28,7 +28,7 @@ def e(value: Any) -> str:
 STATE_COLOURS = {
     "Preflight": "#9db4d0",
     "Draining": "#f0b050",
-    "Patching": "#d9534f",
+    "Patching": "#d8b23a",
     "Enabling": "#8e6cc4",
     "Rebalancing": "#4aa3a2",
     "Done": "#3c9a4d",
@@ -79,6 +79,7 @@ def render(report: Mapping[str, Any]) -> str:
         _summary(report),
         _audit(report["audit"]),
         _timeline(report),
+        _nodes(report["nodes"]),
         _plan(report),
         *(_node(node, report["kind"]) for node in report["nodes"]),
         "</body></html>",
@@ -187,6 +188,37 @@ def _timeline(report: Mapping[str, Any]) -> str:
         + timeline.svg(rows, colour, _generated(report))
         + f'<p class="legend">{legend}</p>'
     )
+
+
+def _nodes(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """One line per node: how it ended, after how many runs and attempts, its gate."""
+    rows = []
+    for node in nodes:
+        latest = node["runs"][-1] if node["runs"] else None
+        gate = {True: "passed", False: "failed", None: "-"}[node["gate_ok"]]
+        rows.append(
+            (
+                Raw(f'<a href="#node-{e(node["node"])}">{e(node["node"])}</a>'),
+                Raw(_outcome(node["state"], node["outcome"])),
+                len(node["runs"]),
+                node["attempts"],
+                gate,
+                _when(latest["started_at"]) if latest else "",
+                _seconds(latest["duration_s"]) if latest else "",
+                len(latest["vms"]) if latest else 0,
+            )
+        )
+    headers = (
+        "node",
+        "outcome",
+        "runs",
+        "attempts",
+        "health gate",
+        "last started (UTC)",
+        "took",
+        "VMs",
+    )
+    return "<h2>Nodes</h2>" + _table(headers, rows)
 
 
 def _plan(report: Mapping[str, Any]) -> str:
