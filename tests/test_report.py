@@ -246,6 +246,26 @@ def test_job_ids_and_downtime_come_from_the_journal(store: Store, node_run: str)
     )
 
 
+def test_after_placement_matches_the_cluster_when_someone_else_moved_a_vm(
+    store: Store, tmp_path: Path
+) -> None:
+    """A VM moved by someone else while the node rebooted: the run is done with a VM not put
+    back, and every VM's after placement in the report is where the cluster has it."""
+    scenario = d.scenario(d.vm("h1", "hv1"), d.vm("h2", "hv1"), d.vm("x", "hv2"))
+    scenario["faults"] = [{"type": "move_vm", "vm": "h2", "to": "hv3", "on": "reboot_host"}]
+    sim = SimulatedCluster.create(tmp_path / "c1.json", scenario)
+    runner = node_runner(store, sim)
+    params = Params("c1", "hv1", SAVE, "simulated", 2).to_json()
+    run_id = runner.create(subject("c1", "hv1"), params).id
+    assert runner.drive(run_id).run.state == "Done"
+    report = report_of(store, run_id)
+    assert report["nodes"][0]["outcome"] == "done, 1 VM(s) not put back"
+    placement = d.placement(sim)
+    for row in report["vm_actions"]:
+        assert (row["after_host"], row["after_state"]) == placement[row["vm_id"]]
+    assert placement["h2"][0] == "hv3"
+
+
 def test_a_tampered_event_makes_the_audit_section_say_so(
     store: Store, engine: sa.Engine, node_run: str
 ) -> None:

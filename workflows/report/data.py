@@ -16,6 +16,7 @@ from typing import Any
 from engine import audit
 from engine.model import Event, JournalEntry, Run
 from engine.store import Store
+from workflows import render
 from workflows.report import vms as vm_rows
 
 FORMAT_VERSION = 1
@@ -162,8 +163,13 @@ def node_run(rec: RunRecord, now: dt.datetime, facts: Mapping[str, Any]) -> dict
     found = CHILD_KEY.search(run.child_key or "")
     node = found["node"] if found else str(run.params.get("node") or run.subject)
     tried = retries(rec.events)
+    head = header(run, rec.events, now)
+    not_back = render.warnings(rec.published)
+    if not_back and run.finished_at is not None:
+        head["outcome"] += f", {len(not_back)} VM(s) not put back"
     return {
-        **header(run, rec.events, now),
+        **head,
+        "warnings": not_back,
         "node": node,
         "child_key": run.child_key,
         "round": int(found["round"]) if found else None,
