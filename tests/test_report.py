@@ -370,6 +370,20 @@ def test_the_page_is_self_contained_and_names_every_node_on_the_timeline(
         assert f'data-node="{node}"' in page
 
 
+def test_names_from_the_cluster_are_escaped_on_the_page(store: Store, tmp_path: Path) -> None:
+    """A VM named like markup is shown as text: the page holds no element from it."""
+    evil = d.vm("e1", "hv1")
+    evil["name"] = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    sim = SimulatedCluster.create(tmp_path / "c1.json", d.scenario(evil))
+    runner = node_runner(store, sim)
+    params = Params("c1", "hv1", SAVE, "simulated", 2).to_json()
+    run_id = runner.create(subject("c1", "hv1"), params).id
+    assert runner.drive(run_id).run.state == "Done"
+    page = html_report.render(report_of(store, run_id))
+    assert "<script" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+
+
 # ---- the browser -----------------------------------------------------------------------------
 
 
