@@ -326,6 +326,8 @@ def test_a_cycle_reports_every_node_run_with_its_gate_attempts_and_rounds(
         if c.state == "Refused"
         for vm in published[c.id]["snapshot"]["vms"]
     }
+    started = {j["job_id"] for j in report["journal"] if ":child:node:" in j["key"]}
+    assert started == {c.id for c in children}
     audit = report["audit"]
     assert audit["intact"] and audit["runs_checked"] == 1 + len(children)
     assert audit["head"] == store.get(cycle_id).audit_head

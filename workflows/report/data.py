@@ -79,6 +79,7 @@ def build(family: Family, now: dt.datetime) -> dict[str, Any]:
         "plan": plan,
         "nodes": nodes,
         "vm_actions": [row for n in nodes for r in n["runs"] for row in r["vms"]],
+        "journal": [_job(e) for e in root.journal] if cycle else [],
         "audit": audit_summary([root, *family.children] if cycle else [root]),
     }
 

@@ -82,6 +82,7 @@ def render(report: Mapping[str, Any]) -> str:
         _nodes(report["nodes"]),
         _plan(report),
         *(_node(node, report["kind"]) for node in report["nodes"]),
+        _cycle_journal(report.get("journal") or []),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -377,6 +378,24 @@ def _vms(vms: Sequence[Mapping[str, Any]]) -> str:
         "after",
     )
     return "<h4>VM actions</h4>" + _table(headers, rows)
+
+
+def _cycle_journal(jobs: Sequence[Mapping[str, Any]]) -> str:
+    """What the cycle itself journaled: node runs started, timers, gates, scripts."""
+    if not jobs:
+        return ""
+    rows = [
+        (
+            j["key"],
+            j["status"],
+            Raw(f"<code>{e(j['job_id'])}</code>") if j["job_id"] else "",
+            _when(j["started_at"]),
+            _when(j["ended_at"]),
+        )
+        for j in jobs
+    ]
+    table = _table(("key", "status", "reference", "started (UTC)", "ended (UTC)"), rows)
+    return '<section class="node"><h2>Cycle journal</h2>' + table + "</section>"
 
 
 def _jobs(jobs: Sequence[Mapping[str, Any]]) -> str:
