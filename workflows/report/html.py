@@ -4,13 +4,12 @@ their states, tables; no script, no network asset. Pure: a report dict in, a str
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import html
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from workflows.report import timeline
+from workflows.report import style, timeline
 
 
 class Raw(str):
@@ -25,47 +24,6 @@ def e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-STATE_COLOURS = {
-    "Preflight": "#9db4d0",
-    "Draining": "#f0b050",
-    "Patching": "#d8b23a",
-    "Enabling": "#8e6cc4",
-    "Rebalancing": "#4aa3a2",
-    "Done": "#3c9a4d",
-    "Failed": "#b0202a",
-    "Aborted": "#777777",
-    "Refused": "#555555",
-    "Abandoned": "#333333",
-}
-PALETTE = ("#6a8caf", "#c49a6c", "#7fa36b", "#b57fb3", "#c7a83a", "#5fa0c6", "#a36b6b")
-
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
- color:#1d2330;margin:24px auto;max-width:1200px;padding:0 16px;background:#fff}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #dde}
-h3{font-size:15px;margin:18px 0 6px}h4{font-size:14px;margin:12px 0 4px;color:#445}
-table{border-collapse:collapse;margin:6px 0 12px;width:100%}table.kv th{width:170px}
-th,td{border:1px solid #d5d9e2;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#f2f4f8;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
-code,.mono{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px}
-.ok{color:#1f7a32;font-weight:600}.bad{color:#b0202a;font-weight:600}.muted{color:#667}
-.box{border:1px solid #d5d9e2;border-radius:6px;padding:10px 14px;margin:10px 0}
-.box.ok{border-color:#3c9a4d;background:#f1faf2}.box.bad{border-color:#b0202a;background:#fdf1f1}
-.legend span{display:inline-block;margin-right:14px;font-size:12.5px}
-.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}
-svg.timeline{width:100%;height:auto;border:1px solid #e3e6ee;background:#fbfcfe}
-pre{white-space:pre-wrap;background:#f6f7f9;border:1px solid #e3e6ee;padding:6px 8px;margin:4px 0}
-section.node{border-top:2px solid #e3e6ee;margin-top:22px}
-"""
-
-
-def colour(state: str) -> str:
-    if state in STATE_COLOURS:
-        return STATE_COLOURS[state]
-    digest = hashlib.sha256(state.encode()).digest()
-    return PALETTE[digest[0] % len(PALETTE)]
-
-
 def render(report: Mapping[str, Any]) -> str:
     run = report["run"]
     title = f"nodepatch report: {run['subject']} ({run['run_id']})"
@@ -73,7 +31,7 @@ def render(report: Mapping[str, Any]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
+        f"<title>{e(title)}</title><style>{style.CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p class="muted">{e(_kind(report))}; generated {e(_generated(report))} UTC</p>',
         _summary(report),
@@ -183,10 +141,12 @@ def _audit(audit: Mapping[str, Any]) -> str:
 def _timeline(report: Mapping[str, Any]) -> str:
     rows = timeline.rows(report)
     states = sorted({bar.state for row in rows for bar in row.bars})
-    legend = "".join(f'<span><i style="background:{colour(s)}"></i>{e(s)}</span>' for s in states)
+    legend = "".join(
+        f'<span><i style="background:{style.colour(s)}"></i>{e(s)}</span>' for s in states
+    )
     return (
         "<h2>Timeline</h2>"
-        + timeline.svg(rows, colour, _generated(report))
+        + timeline.svg(rows, style.colour, _generated(report))
         + f'<p class="legend">{legend}</p>'
     )
 
