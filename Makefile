@@ -39,3 +39,8 @@ mutate: install
 
 clean:
 	rm -rf $(VENV) .mutation .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## make browser: Debian's chromium for the report's browser test (root; CI does it in .ci/run)
+.PHONY: browser
+browser:
+	bash .ci/install-chromium

@@ -139,7 +139,7 @@ def _file_handler(path: Path) -> logging.Handler:
         raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
-from workflows.cli import cycle, demo, inspect, runs, sim, worker  # noqa: E402 - the commands
+from workflows.cli import cycle, demo, inspect, report, runs, sim, worker  # noqa: E402 - commands
 
 for command in (
     runs.plan_cmd,
@@ -158,5 +158,6 @@ for command in (
     inspect.db_group,
     sim.sim_group,
     demo.demo_cmd,
+    report.report_cmd,
 ):
     main.add_command(command)
