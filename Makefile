@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## make demo: a full patch cycle of one node on a fresh simulated cluster, SQLite by default
+## make demo: a whole simulated cluster patched as one cycle (a report at the end), SQLite by default
 demo: install
 	$(BIN)/nodepatch demo
 

@@ -34,7 +34,10 @@ def _vm(
 DEMO_FOLDER = Path(".nodepatch-demo")
 SCENARIO = {
     "clusters": [
-        {"name": "cluster1", "hosts": [{"name": f"hv0{i}", "memory_mb": 32768} for i in (1, 2, 3)]}
+        {
+            "name": "cluster1",
+            "hosts": [{"name": f"hv0{i}", "memory_mb": 32768} for i in (1, 2, 3, 4)],
+        }
     ],
     "vms": [
         _vm(1, "hv01", mb=8192),
@@ -45,6 +48,7 @@ SCENARIO = {
         _vm(6, "hv02"),
         _vm(7, "hv03"),
         _vm(8, "hv03", ha=False),
+        _vm(9, "hv04"),
     ],
 }
 
@@ -71,7 +75,7 @@ def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
     path = Path(keep).absolute() if keep else DEMO_FOLDER.resolve() / "cluster.json"
     cluster = SimulatedCluster.create(path, SCENARIO, speed=speed)
     before = {vm["id"]: vm for vm in cluster.snapshot()["vms"]}
-    click.echo(f"simulated cluster {path}: 3 nodes, {len(before)} VMs, patched as one cycle;")
+    click.echo(f"simulated cluster {path}: 4 nodes, {len(before)} VMs, patched as one cycle;")
     click.echo(
         "hv01 runs 2 HA VMs, 1 non-HA VM (policy: migrate) and holds 1 HA VM that is off "
         "(policy: evacuate)"
@@ -81,7 +85,7 @@ def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
     app.progress = lambda message: click.echo(f"  {message}")
     params = CycleParams(
         cluster="cluster1",
-        order=["hv01", "hv02", "hv03"],
+        order=["hv01", "hv02", "hv03", "hv04"],
         max_parallel=None,
         non_ha=str(planning.NonHaPolicy.MIGRATE),
         stopped_ha=str(planning.StoppedHaPolicy.EVACUATE),
@@ -109,8 +113,18 @@ def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
         if same
         else "some VMs are not where they started (see `nodepatch cycle status`)"
     )
+    report = DEMO_FOLDER.resolve() / f"nodepatch-report-{run.id}.html"
+    _write_report(app, run.id, report)
+    click.echo(f"report:      {report}")
     _follow_ups(run.id, database, path)
     sys.exit(0 if stopped.stop.run.state == DONE and same else 1)
+
+
+def _write_report(app: App, run_id: str, path: Path) -> None:
+    from engine.model import utcnow
+    from workflows.report import data, html
+
+    path.write_text(html.render(data.build(data.collect(app.store, run_id), utcnow())), "utf-8")
 
 
 def _vms_on(vms: dict[str, dict[str, object]], node: str) -> tuple[int, str]:
@@ -121,6 +135,10 @@ def _follow_ups(run_id: str, database: str, path: Path) -> None:
     """Commands that work exactly as printed, from anywhere, without an activated virtualenv."""
     prog = _program()
     click.echo(f"audit trail: {shlex.join([*prog, '--database', database, 'history', run_id])}")
+    click.echo(
+        f"report again: {shlex.join([*prog, '--database', database, 'report', run_id])}"
+        " [--format html|json|csv]"
+    )
     click.echo(f"every run:   {shlex.join([*prog, '--database', database, 'runs'])}")
     click.echo(f"the cluster: {shlex.join([*prog, 'sim', 'show', '--file', str(path)])}")
 

@@ -269,7 +269,7 @@ class ClusterCycle:
                 params=p.node_params(node, away, targets),
             )
             ctx.progress(f"{node}: node run {child.id} started")
-        return Sleep(ctx.now(), f"wave {index + 1} started")
+        return Sleep(ctx.now(), f"wave {index + 1} started; waiting for its node runs")
 
     def _halt(
         self, p: CycleParams, round_: int, nodes: Sequence[view.NodeView], why: str | None
