@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.model import Run, utcnow
@@ -46,11 +47,12 @@ def drive_family(
             return FamilyStop(stop)
         children = [c for c in store.children(root_id) if c.finished_at is None]
         movable = [c for c in children if _movable(store, c)]
-        for child in movable:
-            runner_for(child).drive(child.id, early=True)
+        if movable:  # a wave's node runs move at the same time, as workers would drive them
+            with ThreadPoolExecutor(len(movable), thread_name_prefix="family") as pool:
+                for future in [pool.submit(_drive, runner_for, c) for c in movable]:
+                    future.result()
             if stopping():
                 return FamilyStop(Stop(store.get(root_id), "interrupted"))
-        if movable:
             store.wake(root_id, now())
             continue
         root = store.get(root_id)
@@ -59,6 +61,10 @@ def drive_family(
         if waiting or wake is None or wake - now() > SHORT_WAIT:
             return FamilyStop(Stop(root, "sleeping"), waiting)
         sleep(max((wake - now()).total_seconds(), 0.0))
+
+
+def _drive(runner_for: Callable[[Run], Runner], child: Run) -> Stop:
+    return runner_for(child).drive(child.id, early=True)
 
 
 def _movable(store: Store, child: Run) -> bool:
