@@ -148,7 +148,15 @@ def _file_handler(path: Path) -> logging.Handler:
         raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
-from workflows.cli import demo, inspect, runs, sim, worker  # noqa: E402 - the commands
+from workflows.cli import (  # noqa: E402 - the commands
+    demo,
+    inspect,
+    metrics,
+    runs,
+    sim,
+    webhooks,
+    worker,
+)
 
 for command in (
     runs.plan_cmd,
@@ -166,5 +174,7 @@ for command in (
     inspect.db_group,
     sim.sim_group,
     demo.demo_cmd,
+    webhooks.webhooks_group,
+    metrics.metrics_cmd,
 ):
     main.add_command(command)
