@@ -206,3 +206,19 @@ def test_the_cursor_waits_at_a_young_gap_in_event_ids() -> None:
     assert outbox._contiguous(10, [event(12, 1), event(13, 1)], old) == 10
     assert outbox._contiguous(10, [event(11, 1), event(13, 1)], old) == 11
     assert outbox._contiguous(10, [event(12, 600), event(13, 1)], old) == 13
+
+
+def test_the_commented_example_in_config_example_yaml_is_valid(tmp_path: Path) -> None:
+    """The webhooks block of config.example.yaml, uncommented, loads with the values it shows."""
+    from workflows import settings
+
+    example = (Path(__file__).resolve().parent.parent / "config.example.yaml").read_text()
+    block = example.split("# webhooks:", 1)[1]
+    lines = ["webhooks:"] + [line.replace("# ", "", 1) for line in block.splitlines()[1:]]
+    config = tmp_path / "c.yaml"
+    config.write_text("\n".join(lines), encoding="utf-8")
+    (hook,) = settings.load(str(config)).webhooks
+    assert (hook.name, hook.url, hook.secret_env, hook.timeout_s, hook.max_attempts) == (
+        "ops", "https://hooks.example.com/nodepatch", "NODEPATCH_WEBHOOK_SECRET", 10.0, 10,
+    )  # fmt: skip
+    assert hook.events == ("run.failed", "run.waiting", "run.done", "run.refused", "cycle.*")
