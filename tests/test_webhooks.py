@@ -8,17 +8,22 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from engine import outbox
 from engine.model import utcnow
+from engine.store import Store
 from tests.clitools import FAST_CONFIG, Cli, make_cli
 from tests.test_cli_acceptance import MIXED
 from tests.webhook_receiver import ERROR, OK, SLOW, Receiver, closed_port, serve
+from workflows import webhooks
 from workflows.backends.simulated import SimulatedCluster
+from workflows.webhooks import Receiver as Receiver_
 
 SECRET = "hook-secret-Zq9"
 RUN_EVENTS = ["run.started", "run.transition", "run.transition", "run.transition",
@@ -222,3 +227,31 @@ def test_the_commented_example_in_config_example_yaml_is_valid(tmp_path: Path) -
         "ops", "https://hooks.example.com/nodepatch", "NODEPATCH_WEBHOOK_SECRET", 10.0, 10,
     )  # fmt: skip
     assert hook.events == ("run.failed", "run.waiting", "run.done", "run.refused", "cycle.*")
+
+
+def test_two_deliverers_at_once_send_each_event_once(engine: sa.Engine, receiver: Receiver) -> None:
+    """Two processes' deliverers (a worker and a command) flushing at the same moment: each
+    delivery is claimed by one of them, so the receiver gets every event exactly once."""
+    store = Store(engine)
+    for i in range(5):
+        store.create_run(
+            workflow="node_patch", workflow_version=1, subject=f"c1/hv{i}", state="Preflight",
+            params={}, actor="t@h:1",
+        )  # fmt: skip
+    hook = Receiver_("ops", receiver.url, SECRET, ("run.*",), 2.0, 3, 0.01, 0.01, "json")
+    deliverers = [webhooks.Deliverer(outbox.Outbox(engine, webhooks.CONSUMER), [hook])
+                  for _ in range(2)]  # fmt: skip
+    barrier = threading.Barrier(2)
+
+    def flush(d: webhooks.Deliverer) -> None:
+        barrier.wait()
+        d.flush()
+
+    threads = [threading.Thread(target=flush, args=(d,)) for d in deliverers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    keys = [r.headers["Idempotency-Key"] for r in receiver.received]
+    assert len(keys) == 5 and len(set(keys)) == 5
+    assert {r.doc["event"] for r in receiver.received} == {"run.started"}

@@ -47,12 +47,13 @@ def deliver_continuously(
     return thread
 
 
-def last_delivery(app: App, thread: threading.Thread | None) -> None:
-    """After the slots stop: let the delivery thread end, then deliver what the last runs
+def last_delivery(app: App, thread: threading.Thread | None, stop: threading.Event) -> None:
+    """After the slots stop: end the delivery thread, then deliver what the last runs
     produced (a worker run with --until-idle exits with everything sent that can be)."""
     if thread is None:
         return
     from workflows.cli.webhooks import deliver_after
 
+    stop.set()
     thread.join(timeout=5)
     deliver_after(app)

@@ -96,6 +96,6 @@ def worker_cmd(
     deliveries = integrations.deliver_continuously(app, worker.stop, min(poll_s, 2.0))
     click.echo(f"nodepatch worker {actor()}: {concurrency} slot(s)", err=True)
     worker.run(until_idle=until_idle, grace_s=grace_s)
-    integrations.last_delivery(app, deliveries)
+    integrations.last_delivery(app, deliveries, worker.stop)
     click.echo(f"nodepatch worker: stopped after driving {worker.driven} run(s)", err=True)
     sys.exit(EXIT_DONE)
