@@ -255,3 +255,25 @@ def test_two_deliverers_at_once_send_each_event_once(engine: sa.Engine, receiver
     keys = [r.headers["Idempotency-Key"] for r in receiver.received]
     assert len(keys) == 5 and len(set(keys)) == 5
     assert {r.doc["event"] for r in receiver.received} == {"run.started"}
+
+
+def test_a_backlog_older_than_a_day_is_not_announced(engine: sa.Engine, receiver: Receiver) -> None:
+    """Webhooks first configured on a database whose events are already a day old skip them
+    (the cursor moves past them) and send what happens from then on."""
+    store = Store(engine)
+    old = store.create_run(
+        workflow="node_patch", workflow_version=1, subject="c1/hv1", state="Preflight",
+        params={}, actor="t@h:1",
+    )  # fmt: skip
+    hook = Receiver_("ops", receiver.url, None, ("run.*",), 2.0, 3, 0.01, 0.01, "json")
+    later = utcnow() + webhooks.BACKLOG_MAX_AGE + dt.timedelta(minutes=1)
+    box = outbox.Outbox(engine, webhooks.CONSUMER)
+    assert webhooks.Deliverer(box, [hook], now=lambda: later).flush().sent == 0
+    new = store.create_run(
+        workflow="node_patch", workflow_version=1, subject="c1/hv2", state="Preflight",
+        params={}, actor="t@h:1",
+    )  # fmt: skip
+    assert webhooks.Deliverer(box, [hook]).flush().sent == 1
+    assert [r.doc["run_id"] for r in receiver.received] == [new.id]
+    assert old.id != new.id
+    assert "X-Nodepatch-Signature" not in receiver.received[0].headers  # no secret: unsigned

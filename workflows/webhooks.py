@@ -38,6 +38,9 @@ KINDS = {"created": "started", "waiting": "waiting", "sleeping": "sleeping"}
 SUFFIXES = ("started", "waiting", "sleeping", *ENDINGS.values(), "transition")
 EVENT_NAMES = tuple(f"{p}.{s}" for p in ("run", "cycle") for s in SUFFIXES)
 CLAIM_SLACK = dt.timedelta(seconds=30)
+# Events already this old when first read are not sent: webhooks configured on a database
+# with months of history announce what happens from then on, not the backlog.
+BACKLOG_MAX_AGE = dt.timedelta(days=1)
 
 
 def event_name(event: OutboxEvent) -> str | None:
@@ -238,7 +241,7 @@ class Deliverer:
 
     def route(self, event: OutboxEvent) -> list[tuple[str, str]]:
         name = event_name(event)
-        if name is None:
+        if name is None or event.occurred_at < self.now() - BACKLOG_MAX_AGE:
             return []
         return [(hook.name, name) for hook in self.hooks.values() if hook.wants(name)]
 
