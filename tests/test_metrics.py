@@ -112,3 +112,23 @@ def _scrape(url: str, worker: subprocess.Popen[str]) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_metrics_on_either_database(tmp_path: Path, db_url: str) -> None:
+    """The same queries work on SQLite and PostgreSQL: after one run to Done, the runs,
+    transitions, step durations and operations add up."""
+    cli = make_cli(tmp_path, db_url, CONFIG)
+    SimulatedCluster.create(cli.sim, MIXED)
+    assert cli("start", "--cluster", "c1", "--node", "hv1").code == 0
+    printed = cli("metrics")
+    assert printed.code == 0, printed.err
+    found = samples(printed.out)
+    wf = {"workflow": "node_patch"}
+    assert value(found, "nodepatch_runs", state="Done", **wf) == 1
+    assert value(found, "nodepatch_transitions_total", state="Done", **wf) == 1
+    for state in ("Preflight", "Draining", "Patching", "Enabling", "Rebalancing"):
+        assert value(found, "nodepatch_step_duration_seconds_count", state=state, **wf) == 1
+    assert value(found, "nodepatch_cluster_operations_total", kind="exit_maintenance",
+                 outcome="succeeded", **wf) == 1  # fmt: skip
+    assert value(found, "nodepatch_lease_takeovers_total") == 0
+    assert not [k for k in found if k[0] == "nodepatch_oldest_run_age_seconds"]
