@@ -277,3 +277,19 @@ def test_a_backlog_older_than_a_day_is_not_announced(engine: sa.Engine, receiver
     assert [r.doc["run_id"] for r in receiver.received] == [new.id]
     assert old.id != new.id
     assert "X-Nodepatch-Signature" not in receiver.received[0].headers  # no secret: unsigned
+
+
+def test_the_readme_webhook_examples_are_valid(tmp_path: Path) -> None:
+    """Every `webhooks:` block the README shows (the full form, Teams and Slack) loads."""
+    from workflows import settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    hooks = [b for b in blocks if b.startswith("webhooks:")]
+    assert len(hooks) == 2
+    formats = set()
+    for i, block in enumerate(hooks):
+        config = tmp_path / f"{i}.yaml"
+        config.write_text(block, encoding="utf-8")
+        formats |= {w.format for w in settings.load(str(config)).webhooks}
+    assert formats == {"json", "slack", "teams"}
