@@ -72,3 +72,19 @@ def test_a_run_logs_its_fields_in_either_format(tmp_path: Path, fmt: str) -> Non
     else:
         assert all(f"run_id={run_id} workflow=node_patch state=" in line for line in lines)
         assert any("action=step_started" in line for line in lines)
+
+
+def test_the_worker_logs_json_lines_to_stderr(tmp_path: Path) -> None:
+    """A worker (a daemon: journald, docker logs) writes its log lines to stderr too, in the
+    chosen format, naming the run each is about."""
+    cli = make_cli(tmp_path, f"sqlite:///{tmp_path / 'n.db'}")
+    assert cli("db", "upgrade").code == 0
+    SimulatedCluster.create(cli.sim, MIXED)
+    detached = cli("start", "--cluster", "c1", "--node", "hv1", "--detach", "--json")
+    run_id = detached.json()["run_id"]
+    worker = cli("--log-format", "json", "worker", "--until-idle", "--poll", "0.1")
+    assert worker.code == 0, worker.err
+    docs = [json.loads(line) for line in worker.err.splitlines() if line.startswith("{")]
+    stopped = [d for d in docs if d["action"] == "run_stopped"]
+    assert [(d["run_id"], d["state"]) for d in stopped] == [(run_id, "Done")]
+    assert {d["state"] for d in docs if d["run_id"] == run_id} >= {"Draining", "Rebalancing"}
