@@ -51,6 +51,7 @@ class Settings:
     timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
     cycle: Mapping[str, Any] = field(default_factory=dict)  # CycleParams field defaults
+    webhooks: tuple[Webhook, ...] = ()
 
     def runner_for(self, workflow: str) -> RunnerSettings:
         """The engine settings of one workflow: its own step timeouts over the defaults."""
@@ -81,6 +82,7 @@ _SCHEMA: dict[str, Any] = {
     "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
     "log": {"file": str},
     "cycle": dict,
+    "webhooks": list,
 }
 
 
@@ -163,7 +165,13 @@ def _check(data: Any, schema: Any, where: str) -> None:
     if schema is float and isinstance(data, int) and not isinstance(data, bool):
         return
     if not isinstance(data, schema) or (schema is int and isinstance(data, bool)):
-        kind = {str: "a string", int: "an integer", float: "a number", dict: "a mapping"}[schema]
+        kind = {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            dict: "a mapping",
+            list: "a list",
+        }[schema]
         raise errors.ConfigError(f"{where}: must be {kind} (got {data!r})")
 
 
@@ -227,6 +235,7 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         timeouts_s=timeouts,
         log_file=data.get("log", {}).get("file"),
         cycle=cycle_config.defaults(data.get("cycle")),
+        webhooks=_webhooks(data.get("webhooks", [])),
     )
 
 
@@ -291,3 +300,84 @@ DEFAULT_TIMEOUTS = {
     "Enabling": 3600.0,
     "Rebalancing": 4 * 3600.0,
 }
+
+
+# ---- webhooks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver of run events (workflows/webhooks.py). `url` or `url_env` (a Slack or
+    Teams URL is itself a secret); the signing secret from `secret_env` or `secret_file`,
+    read when deliveries are sent, never stored."""
+
+    name: str
+    url: str | None
+    url_env: str | None
+    events: tuple[str, ...]
+    secret_env: str | None
+    secret_file: str | None
+    timeout_s: float
+    max_attempts: int
+    backoff_s: float
+    backoff_max_s: float
+    format: str
+
+
+_WEBHOOK: dict[str, Any] = {
+    "name": str,
+    "url": str,
+    "url_env": str,
+    "events": list,
+    "secret_env": str,
+    "secret_file": str,
+    "timeout_s": float,
+    "max_attempts": int,
+    "backoff_s": float,
+    "backoff_max_s": float,
+    "format": str,
+}
+WEBHOOK_FORMATS = ("json", "slack", "teams")
+
+
+def _webhooks(data: list[Any]) -> tuple[Webhook, ...]:
+    found = tuple(_webhook(w, f"webhooks[{i}]") for i, w in enumerate(data))
+    names = [w.name for w in found]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise errors.ConfigError(f"webhooks[{i}].name: {name!r} is used twice; names differ")
+    return found
+
+
+def _webhook(data: Any, where: str) -> Webhook:
+    from workflows import webhooks
+
+    _check(data, _WEBHOOK, where)
+    if ("url" in data) == ("url_env" in data):
+        raise errors.ConfigError(f"{where}: give exactly one of url, url_env")
+    if "secret_env" in data and "secret_file" in data:
+        raise errors.ConfigError(f"{where}: give at most one of secret_env, secret_file")
+    url = data.get("url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise errors.ConfigError(f"{where}.url: must start with http:// or https://")
+    events = tuple(data.get("events", ["*"]))
+    for i, pattern in enumerate(events):
+        if not isinstance(pattern, str) or not webhooks.matches_any(pattern):
+            raise errors.ConfigError(
+                f"{where}.events[{i}]: {pattern!r} names no event (known: "
+                f"{', '.join(webhooks.EVENT_NAMES)}; * matches any part)"
+            )
+    name = data.get("name") or webhooks.default_name(url, data.get("url_env"))
+    return Webhook(
+        name=name,
+        url=url,
+        url_env=data.get("url_env"),
+        events=events,
+        secret_env=data.get("secret_env"),
+        secret_file=data.get("secret_file"),
+        timeout_s=_positive(float(data.get("timeout_s", 10)), f"{where}.timeout_s"),
+        max_attempts=int(_positive(data.get("max_attempts", 10), f"{where}.max_attempts")),
+        backoff_s=_positive(float(data.get("backoff_s", 5)), f"{where}.backoff_s"),
+        backoff_max_s=_positive(float(data.get("backoff_max_s", 900)), f"{where}.backoff_max_s"),
+        format=_choice(data.get("format", "json"), WEBHOOK_FORMATS, f"{where}.format"),
+    )

@@ -94,6 +94,14 @@ def _progress_sink(enabled: bool) -> Callable[[str], None]:
     help="Use the simulated cluster in FILE [env NODEPATCH_SIM].",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="NODEPATCH_LOG_FORMAT",
+    help="Log lines as text or JSON, each with run_id, workflow, state, action "
+    "[env NODEPATCH_LOG_FORMAT].",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -101,10 +109,11 @@ def main(
     database: str | None,
     sim_file: str | None,
     debug: bool,
+    log_format: str,
 ) -> None:
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
     cfg = settings.load(config_path)
-    _setup_logging(cfg.log_file, debug)
+    _setup_logging(cfg.log_file, debug, log_format)
     url = database or cfg.database
     app = App(
         cfg,
@@ -117,13 +126,13 @@ def main(
     ctx.call_on_close(app.close)
 
 
-def _setup_logging(path: str | None, debug: bool) -> None:
+def _setup_logging(path: str | None, debug: bool, fmt: str = "text") -> None:
     root = logging.getLogger("nodepatch")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if path:
-        handler = _file_handler(Path(path).expanduser())
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        root.addHandler(handler)
+        from workflows import logs
+
+        root.addHandler(logs.handler(_file_handler(Path(path).expanduser()), fmt))
 
 
 def _file_handler(path: Path) -> logging.Handler:
@@ -139,7 +148,17 @@ def _file_handler(path: Path) -> logging.Handler:
         raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
-from workflows.cli import cycle, demo, inspect, report, runs, sim, worker  # noqa: E402 - commands
+from workflows.cli import (  # noqa: E402 - the commands
+    cycle,
+    demo,
+    inspect,
+    metrics,
+    report,
+    runs,
+    sim,
+    webhooks,
+    worker,
+)
 
 for command in (
     runs.plan_cmd,
@@ -159,5 +178,7 @@ for command in (
     sim.sim_group,
     demo.demo_cmd,
     report.report_cmd,
+    webhooks.webhooks_group,
+    metrics.metrics_cmd,
 ):
     main.add_command(command)

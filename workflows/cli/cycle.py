@@ -19,6 +19,7 @@ from workflows import render
 from workflows.app import App
 from workflows.cli.common import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, emit, inventory, pass_app
 from workflows.cli.interrupts import graceful
+from workflows.cli.webhooks import deliver_after
 from workflows.cycle import view, waves
 from workflows.cycle import workflow as cyc
 from workflows.cycle.params import CLUSTER_CYCLE, CycleParams, OnNodeFailure, check
@@ -238,6 +239,7 @@ def _runner(app: App, run: Run, stop_flag: Any) -> Any:
 def _finish(
     app: App, run: Run, reason: str, as_json: bool, waiting: tuple[Run, ...] = ()
 ) -> NoReturn:
+    deliver_after(app)
     doc = status_doc(app, run)
     if as_json:
         emit({**doc, "stopped": reason})

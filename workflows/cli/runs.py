@@ -27,6 +27,7 @@ from workflows.cli.common import (
     until_option,
 )
 from workflows.cli.interrupts import graceful
+from workflows.cli.webhooks import deliver_after
 from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import ABORTED, DONE, EXTERNAL, Params, subject
 
@@ -139,6 +140,7 @@ def start_cmd(
 
 
 def _detached(app: App, run: Run, as_json: bool) -> NoReturn:
+    deliver_after(app)
     if as_json:
         emit(render.run_json(run, app.store.published(run.id), "detached"))
     else:
@@ -258,6 +260,7 @@ def release_cmd(app: App, run_ref: str, reason: str, as_json: bool) -> None:
     app.registry.check(run.workflow, run.workflow_version)
     left = _left_as_is(app, run)
     released = app.runner_for(run).release(run.id, reason, {"released": left})
+    deliver_after(app)
     published = app.store.published(run.id)
     if as_json:
         emit(render.run_json(released, published, "final"))
@@ -317,6 +320,7 @@ def _drive(
     with graceful(runner.stop_requested, run_id):
         stop = runner.drive(run_id, until=until, retry=retry)
     timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
+    deliver_after(app)
     _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
 
 
