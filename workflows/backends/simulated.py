@@ -195,9 +195,10 @@ class SimulatedCluster:
         return self._call("reboot_host", lambda w: w.reboot_host(host, patch_seconds))
 
     def clock(self) -> dict[str, float]:
-        """The simulated clock now: `sim_time` (simulated seconds since the world was made)
-        and `speed` (simulated seconds per real second)."""
-        return self._call(None, lambda w: {"sim_time": w.rows.sim_time, "speed": w.rows.speed})
+        """The simulated clock now: `sim_time` (simulated seconds since the world was made) at
+        `real_time` (Unix time), and `speed` (simulated seconds per real second, so that the
+        clock read at another moment t is sim_time + (t - real_time) * speed)."""
+        return self._call(None, _clock)
 
     def snapshot(self, cluster: str | None = None) -> dict[str, Any]:
         """The `sim show --json` document (without `operations`): every cluster, or one."""
@@ -350,6 +351,11 @@ def _snapshot(world: simworld.World, name: str | None) -> JSON:
     ]
     names = [h["name"] for c in chosen for h in c.hosts]
     return {"clusters": clusters, "vms": [dict(v) for v in world.rows.vms_on(*names)]}
+
+
+def _clock(world: simworld.World) -> dict[str, float]:
+    rows = world.rows
+    return {"sim_time": rows.sim_time, "real_time": rows.real_time, "speed": rows.speed}
 
 
 def _shown_host(host: JSON) -> JSON:
