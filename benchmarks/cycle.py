@@ -1,23 +1,30 @@
 """A whole-cluster patch cycle, serial (`--max-parallel 1`, as CAU) against `--max-parallel
 auto`, on a simulated cluster with realistic timings, measured on the simulator's clock.
 
-The cluster (`nodepatch sim init`, the same seed for both runs): 16 nodes; live migration time
-grows with VM memory (the simulator's own rule); each node patches for its own 20-40 simulated
-minutes and reboots for its own 5-10 (drawn per host from the seed). The simulator runs at
-`--speed` simulated seconds per real second; nodepatch polls every `--poll` real seconds (the
-engine's `poll_interval_s` and the cycle's `poll_s`), so that a poll costs little simulated
-time. Each run is one `nodepatch cycle start` process on a fresh simulated cluster and a fresh
-SQLite database; its simulated wall time is the simulator's clock (`clock.sim_time` of
-`sim show --json`) read just before the process starts and just after it exits, so it includes
-the orchestrator's own real time (process start, polls, database commits) times the speed.
+The cluster (`nodepatch sim init`, the same seed for both runs): 16 nodes, 160 VMs (8 of them
+stopped HA VMs, left where they are); live migration time grows with VM memory (the simulator's
+own rule); each node patches for its own 20-40 simulated minutes and reboots for its own 5-10
+(drawn per host from the seed). The simulator runs at `--speed` simulated seconds per real
+second, and nodepatch polls every `--poll` real seconds (the engine's `poll_interval_s` and the
+cycle's `poll_s`), so that a poll costs little simulated time.
+
+Each cycle is one `nodepatch cycle start` process on a fresh simulated cluster and a fresh
+SQLite database; the two run at the same time (so both see the same machine), in a folder on
+/dev/shm when there is one (so that database commits, real seconds multiplied by the speed,
+cost few simulated ones). A cycle's simulated wall time is the simulator's clock from the
+moment the cycle run was created to the moment it ended (the clock is linear in real time:
+read once, it gives its value at any moment). It still holds the orchestrator's own real time
+(polls, commits, gates) times the speed, which a real cluster would not notice; the printed
+lines give, for comparison, the patch + reboot time alone (each wave's longest node, summed)
+and the clock over the whole process.
 
 Figures (merged into bench.json): `cycle_serial_s`, `cycle_auto_s` (simulated seconds),
 `cycle_speedup` (serial / auto; target at least 1.8), `cycle_migrations_per_moved_vm` (the
-`live_migrate` + `move_vm` operations of `sim show --json` over the VMs that moved, both runs;
-target exactly 2: off the node and back) and `cycle_memory_overcommits` (the simulator's
-`overcommit` operations, both runs: moments a host held more running-VM memory than it has;
-target 0). The benchmark fails, naming why, when a cycle does not end Done or leaves a VM away
-from home or in another power state.
+`live_migrate` + `move_vm` operations of the simulator, as `sim show --json` counts them, over
+the VMs that moved, both runs; target exactly 2: off the node and back) and
+`cycle_memory_overcommits` (the simulator's `overcommit` operations, both runs: moments a host
+held more running-VM memory than it has; target 0). The benchmark fails, naming why, when a
+cycle does not end Done or leaves a VM away from home or in another power state.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class CycleRun:
     """One cycle: what the simulator saw."""
 
     max_parallel: str
+    floor_s: float  # patch + reboot alone: each wave's longest node, summed over the waves
     sim_s: float  # the simulated clock from the cycle run's creation to its end
     process_sim_s: float  # ... from just before the process started to just after it ended
     real_s: float
@@ -152,6 +160,7 @@ class Started:
     folder: Path
     sim: SimulatedCluster
     home: dict[str, tuple[str, str]]
+    host_s: dict[str, float]  # each host's own patch + reboot time
     process: subprocess.Popen[str]
     start_sim: float
     start_real: float
@@ -160,7 +169,12 @@ class Started:
 def start_cycle(folder: Path, shape: Shape, max_parallel: str) -> Started:
     """Set up a fresh cluster and start `nodepatch cycle start` on it (not waited for)."""
     sim = setup(folder, shape)
-    home = {vm["id"]: (vm["host"], vm["state"]) for vm in sim.snapshot(CLUSTER)["vms"]}
+    snapshot = sim.snapshot(CLUSTER)
+    home = {vm["id"]: (vm["host"], vm["state"]) for vm in snapshot["vms"]}
+    host_s = {
+        h["name"]: h["patch_seconds"] + h["reboot_seconds"]
+        for h in snapshot["clusters"][0]["hosts"]
+    }
     start_sim, start_real = sim.clock()["sim_time"], time.perf_counter()
     args = ("cycle", "start", "--cluster", CLUSTER, "--max-parallel", max_parallel, "--json")
     with (folder / "cycle.json").open("w") as out, (folder / "cycle.log").open("w") as err:
@@ -171,7 +185,7 @@ def start_cycle(folder: Path, shape: Shape, max_parallel: str) -> Started:
             stdout=out,
             stderr=err,
         )
-    return Started(max_parallel, folder, sim, home, process, start_sim, start_real)
+    return Started(max_parallel, folder, sim, home, host_s, process, start_sim, start_real)
 
 
 def wait_all(started: Sequence[Started]) -> list[CycleRun]:
@@ -220,12 +234,14 @@ def finish_cycle(started: Started, clock: dict[str, float], end_real: float) -> 
         moment = dt.datetime.fromisoformat(iso).timestamp()
         return clock["sim_time"] + (moment - clock["real_time"]) * clock["speed"]
 
+    waves = [list(w["nodes"]) for w in status["waves"]]
     return CycleRun(
         max_parallel=started.max_parallel,
+        floor_s=sum(max(started.host_s[node] for node in wave) for wave in waves),
         sim_s=sim_at(status["finished_at"]) - sim_at(status["created_at"]),
         process_sim_s=clock["sim_time"] - started.start_sim,
         real_s=end_real - started.start_real,
-        waves=[list(w["nodes"]) for w in status["waves"]],
+        waves=waves,
         migrations=int(operations["live_migrate"] + operations["move_vm"]),
         moved_vms=len(moved),
         running_vms=sum(state == "Running" for _, state in started.home.values()),
@@ -265,7 +281,10 @@ def report(shape: Shape, figures: dict[str, float], runs: Sequence[CycleRun]) ->
     sizes = ",".join(str(len(w)) for w in auto.waves)
 
     def process(run: CycleRun) -> str:
-        return f"process {run.process_sim_s:.0f} s simulated, {run.real_s:.1f} s real"
+        return (
+            f"patch+reboot alone {run.floor_s:.0f} s; process "
+            f"{run.process_sim_s:.0f} s simulated, {run.real_s:.1f} s real"
+        )
 
     return [
         head,

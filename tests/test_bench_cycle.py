@@ -55,7 +55,7 @@ def test_the_quick_cycle_benchmark_keeps_its_invariants(tmp_path: Path) -> None:
 
 def test_report_prints_one_line_per_figure_with_its_target(tmp_path: Path) -> None:
     """The printed lines name every figure's target (no cluster needed: made-up runs)."""
-    run = bench.CycleRun("1", 100.0, 110.0, 1.0, [["hv01"]], 4, 2, 2, 0)
+    run = bench.CycleRun("1", 90.0, 100.0, 110.0, 1.0, [["hv01"]], 4, 2, 2, 0)
     figures = {
         "cycle_serial_s": 100.0,
         "cycle_auto_s": 50.0,
