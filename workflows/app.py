@@ -93,13 +93,17 @@ class App:
                 )
             return SimulatedCluster(path)
         conn = self.connection()
+        from workflows.backends import connection
+
+        where = f"backend.{self.settings.backend}"
+        options = connection.backend_options(self.settings.connection, where)
         if self.settings.backend == "vmm":
             from workflows.backends.vmm import VmmBackend
 
-            return VmmBackend(conn)
+            return VmmBackend(conn, **options)
         from workflows.backends.failover import FailoverBackend
 
-        return FailoverBackend(conn)
+        return FailoverBackend(conn, **options)
 
     def connection(self) -> Any:
         """The validated connection settings of the configured VMM or failover backend."""

@@ -181,6 +181,7 @@ class NodePatch:
         if left:
             names = ", ".join(f"{vm.name!r} ({vm.id})" for vm in left)
             raise errors.StepFailed(f"VMs still running on {p.node} after the drain: {names}")
+        _check_live_migrated(inventory, snapshot, p.node)
         return inventory
 
     def _pre_drain_actions(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> None:
@@ -485,6 +486,24 @@ def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str
     if problems:
         raise errors.StepFailed("; ".join(problems))
     return targets[vm.id]
+
+
+def _check_live_migrated(inventory: Inventory, snapshot: planning.Plan, node: str) -> None:
+    """Every VM the drain was to live-migrate is Running on another node: a cluster manager
+    that saved or stopped one instead (VMM does when a live migration fails) cut its users
+    off, and that must fail the drain now rather than pass for someone else's change later."""
+    stranded = []
+    for planned in snapshot.vms:
+        vm = inventory.vm(planned.id)
+        if planned.action != planning.Action.LIVE_MIGRATE or vm is None:
+            continue
+        if vm.host.lower() == node.lower() or str(vm.state) != planned.state:
+            stranded.append(f"{vm.name!r} ({vm.id}) is {vm.state} on {vm.host}")
+    if stranded:
+        raise errors.StepFailed(
+            f"the drain of {node} did not live-migrate every HA VM: {'; '.join(stranded)}; "
+            "start or move them by hand (or `nodepatch abort`)"
+        )
 
 
 def _moved_by_run(ctx: StepContext, snapshot: planning.Plan) -> set[str]:

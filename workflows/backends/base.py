@@ -43,6 +43,10 @@ class Host:
     maintenance: bool = False
     state: HostState = HostState.UP
     available_for_placement: bool = True
+    address: str = ""
+    """The node's FQDN when the backend knows it (patchers connect to it); empty: use the name."""
+    vm_path_known: bool = True
+    """Whether a non-HA VM (local storage) can be moved here: a destination path is known."""
 
     @property
     def responding(self) -> bool:
@@ -57,6 +61,8 @@ class Vm:
     ha: bool
     state: PowerState
     memory_mb: int
+    problem: str = ""
+    """Why the VM is not safe to touch (e.g. VMM status UpdateFailed); empty when it is."""
 
     @property
     def uses_memory(self) -> bool:
