@@ -93,10 +93,7 @@ class App:
                 )
             return SimulatedCluster(path)
         conn = self.connection()
-        from workflows.backends import connection
-
-        where = f"backend.{self.settings.backend}"
-        options = connection.backend_options(self.settings.connection, where)
+        options = self.options()
         if self.settings.backend == "vmm":
             from workflows.backends.vmm import VmmBackend
 
@@ -111,6 +108,13 @@ class App:
 
         where = f"backend.{self.settings.backend}"
         return connection.from_mapping(self.settings.connection, where, self.environ)
+
+    def options(self) -> dict[str, Any]:
+        """The validated backend options of the configured VMM or failover backend."""
+        from workflows.backends import connection
+
+        where = f"backend.{self.settings.backend}"
+        return connection.backend_options(self.settings.connection, where)
 
     def patcher(self, kind: str, cluster: str) -> Patcher:
         """The patcher of a run; raises ConfigError if its configuration is invalid."""

@@ -65,7 +65,7 @@ class ConnectionSettings:
     """
 
     server: str
-    username: str
+    username: str = ""
     password: Secret = dataclasses.field(repr=False, default=Secret(""))
     port: int | None = None
     ssl: bool = True
@@ -119,7 +119,7 @@ class ConnectionSettings:
         return {
             "server": self.server,
             "port": self.effective_port,
-            "username": self.username,
+            "username": self.username or None,
             "password": self.password_or_none,
             "ssl": self.ssl,
             "auth": self.auth,
@@ -213,6 +213,8 @@ def _checked_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
         raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
     values = _typed_values(data, where)
     for required in ("server", "username"):
+        if required == "username" and values.get("auth") == "kerberos":
+            continue  # the principal of the credential cache (kinit, keytab)
         if not values.get(required):
             raise errors.ConfigError(f"{where}.{required}: required")
     encryption = values.pop("encryption", None)

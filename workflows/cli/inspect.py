@@ -152,7 +152,9 @@ def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
     if app.sim_file or app.settings.backend == "simulated":
         checks = doctor.diagnose_simulated(lambda: app.backend, cluster)
     else:
-        checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
+        checks = doctor.diagnose(
+            app.connection(), kind=app.settings.backend, cluster=cluster, options=app.options()
+        )
     ok = all(c.ok for c in checks)
     if as_json:
         emit({"ok": ok, "checks": [c.__dict__ for c in checks]})

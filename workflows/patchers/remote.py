@@ -146,9 +146,15 @@ class RemotePatchSettings:
     script_parameters: Mapping[str, object] = dataclasses.field(default_factory=dict)
     reboot: str = "if-required"
 
-    def for_host(self, host: str, *, probe: bool = False) -> conn.ConnectionSettings:
-        """Connection settings for one node (short timeouts when probing during a reboot)."""
-        address = self.node_addresses.get(host) or self.node_addresses.get(host.lower()) or host
+    def configured_address(self, host: str) -> str | None:
+        return self.node_addresses.get(host) or self.node_addresses.get(host.lower())
+
+    def for_host(
+        self, host: str, *, probe: bool = False, address: str | None = None
+    ) -> conn.ConnectionSettings:
+        """Connection settings for one node (short timeouts when probing during a reboot):
+        `node_addresses[host]`, else `address` (the FQDN the cluster reports), else the name."""
+        address = self.configured_address(host) or address or host
         server, _, port = address.partition(":")
         values: dict[str, Any] = {"server": server}
         if port:
@@ -196,11 +202,24 @@ class _NodePatcher:
         self.cluster = cluster
         self.clock = clock
         self._restarts: dict[str, float] = {}
+        self._addresses: dict[str, str] = {}
 
     # -- remote calls ---------------------------------------------------------------------
 
+    def address(self, host: str) -> str:
+        """Where to reach the node: `node_addresses`, else the FQDN the cluster reports (HTTPS
+        certificates and Kerberos SPNs name FQDNs), else its name."""
+        configured = self.settings.configured_address(host)
+        if configured:
+            return configured
+        if host.lower() not in self._addresses:
+            found = self.backend.inventory(self.cluster).host(host)
+            self._addresses[host.lower()] = (found.address if found else "") or host
+        return self._addresses[host.lower()]
+
     def _run(self, host: str, cmds: list[psrp.Cmd], *, probe: bool = False) -> list[Any]:
-        session = psrp.Session(self.settings.for_host(host, probe=probe))
+        settings = self.settings.for_host(host, probe=probe, address=self.address(host))
+        session = psrp.Session(settings)
         try:
             return session.run(cmds, target=host)
         finally:
