@@ -271,7 +271,21 @@ class NodePatch:
             raise errors.StepFailed(
                 f"patching {p.node} failed: {outcome.message}; the node stays in maintenance"
             )
-        return Advance("patched", publish={"patch": {"patcher": p.patcher, **outcome.details}})
+        details = dict(outcome.details)
+        if details.get("reboot") == "pending":  # the reboot is a journaled job of its own
+            rebooted = ctx.run_job(
+                "patch_reboot",
+                submit=lambda: patcher.reboot(p.node),
+                poll=patcher.poll,
+                label=f"rebooting {p.node}",
+            )
+            if not rebooted.ok:
+                raise errors.StepFailed(
+                    f"rebooting {p.node} after patching failed: {rebooted.message}; "
+                    "the node stays in maintenance"
+                )
+            details["reboot"] = "true"
+        return Advance("patched", publish={"patch": {"patcher": p.patcher, **details}})
 
     # ---- Enabling ----------------------------------------------------------------------
 

@@ -5,7 +5,11 @@ The endpoint's computer name is the node. `Restart-Computer` starts the simulato
 node's endpoint drops connections (`World.reboot_drops` times at least) until the job is done,
 and LastBootUpTime moves to the moment it came back. The Windows Update task reports Running for
 `World.wu_polls` status polls, then its JSON result (`World.wu_result`, or the simulator's KBs
-for the host with RebootRequired).
+for the host with RebootRequired). Documented behaviour it plays: `Microsoft.Update.SystemInfo`
+RebootRequired (`RebootPending`) stays true once an install needs a reboot, until the node
+restarts; a task that ended without writing its result is `Ready` with its `LastTaskResult`
+(`World.wu_task_exit`); `World.wu_drop_polls` status polls during the install lose their
+connection (a node busy installing).
 """
 
 from __future__ import annotations
@@ -60,13 +64,20 @@ class NodeCmdlets:
         return []
 
     def wu_status(self, inv: dispatch.Invocation) -> list[Any]:
-        runs = self.w.node(inv.ctx.computer).wu_runs
+        node = self.w.node(inv.ctx.computer)
+        runs = node.wu_runs
         task = str(inv.get("TaskName"))
+        pending = node.reboot_pending
         if task not in runs:
-            return [{"TaskState": "Missing", "Result": None}]
+            return [_status("Missing", None, None, pending)]
         runs[task] += 1
         if runs[task] <= self.w.wu_polls:
-            return [{"TaskState": "Running", "Result": None}]
+            if runs[task] > 1 and self.w.wu_drop_polls > 0:
+                self.w.wu_drop_polls -= 1
+                raise dispatch.DropConnection
+            return [_status("Running", None, TASK_RUNNING, pending)]
+        if self.w.wu_task_exit is not None:
+            return [_status("Ready", None, self.w.wu_task_exit, pending)]
         result = self.w.wu_result or {
             "Status": "Succeeded",
             "Installed": simulated.kbs_for(inv.ctx.computer).split(","),
@@ -74,4 +85,14 @@ class NodeCmdlets:
             "HResult": 0,
             "Message": "",
         }
-        return [{"TaskState": "Ready", "Result": "\ufeff" + json.dumps(result)}]
+        if result.get("RebootRequired"):
+            node.reboot_pending = True
+        text = "\ufeff" + json.dumps(result)
+        return [_status("Ready", text, 0, node.reboot_pending)]
+
+
+TASK_RUNNING = 0x41301
+
+
+def _status(state: str, result: str | None, last: int | None, pending: bool) -> dict[str, Any]:
+    return {"TaskState": state, "Result": result, "LastTaskResult": last, "RebootPending": pending}

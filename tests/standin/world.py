@@ -109,6 +109,7 @@ class NodeState:
     reboot_job: str | None = None
     drops_left: int = 0
     wu_runs: dict[str, int] = dataclasses.field(default_factory=dict)
+    reboot_pending: bool = False  # Microsoft.Update.SystemInfo.RebootRequired
 
 
 class World:
@@ -123,6 +124,8 @@ class World:
         self.vmm_module = True
         self.wu_polls = 1
         self.wu_result: dict[str, Any] | None = None
+        self.wu_task_exit: int | None = None  # Ready without a result, this LastTaskResult
+        self.wu_drop_polls = 0
         # VMM knobs (documented behaviour the simulator does not model)
         self.vm_status: dict[str, str] = {}  # VM id -> a non-power VMM Status (UpdateFailed...)
         self.vm_memory: dict[str, dict[str, int | None]] = {}  # startup/assigned/maximum MB
@@ -236,6 +239,7 @@ class World:
         if not job.done:
             return "drop"
         state.reboot_job = None
+        state.reboot_pending = False
         state.boot_time = dt.datetime.now(dt.UTC).replace(microsecond=0)
         return None
 
