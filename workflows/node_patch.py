@@ -301,7 +301,22 @@ class NodePatch:
         after = self.backend.inventory(p.cluster).host(p.node)
         if after is None or after.maintenance or not after.available_for_placement:
             raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
+        self._wait_storage(ctx, p)
         return Advance("enabled")
+
+    def _wait_storage(self, ctx: StepContext, p: Params) -> None:
+        """Storage Spaces Direct repairs after a node returns: the node counts as back once no
+        repair job runs and every virtual disk is healthy (bounded by the step's timeout)."""
+        health = self.backend.storage_health(p.cluster)
+        if not health.checked:
+            ctx.progress(health.summary())
+        said = False
+        while not health.healthy:
+            if not said:
+                ctx.progress(f"waiting for storage to heal: {health.summary()}")
+                said = True
+            ctx.wait(on=f"waiting for storage to heal: {health.summary()}")
+            health = self.backend.storage_health(p.cluster)
 
     def _wait_responding(self, ctx: StepContext, p: Params) -> Host:
         said = False

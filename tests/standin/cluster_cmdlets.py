@@ -37,7 +37,19 @@ class ClusterCmdlets:
         self.w = world
 
     def scripts(self) -> dict[str, dispatch.Handler]:
-        return {failover.STOP_VM_SCRIPT: self.stop_script}
+        return {
+            failover.STOP_VM_SCRIPT: self.stop_script,
+            failover.STORAGE_SCRIPT: self.storage_script,
+        }
+
+    def storage_script(self, inv: dispatch.Invocation) -> list[Any]:
+        """failover.STORAGE_SCRIPT from World.s2d / storage_repair_polls / unhealthy_disks."""
+        jobs: list[str] = []
+        if self.w.storage_repair_polls > 0:
+            self.w.storage_repair_polls -= 1
+            jobs = ["Repair"]
+        disks = list(self.w.unhealthy_disks) if jobs else []
+        return [{"Enabled": self.w.s2d, "RunningJobs": jobs, "UnhealthyDisks": disks}]
 
     def handlers(self) -> dict[str, dispatch.Handler]:
         return {

@@ -136,6 +136,9 @@ class World:
         self.designated_maintenance_hosts: set[str] = set()
         # Failover knobs
         self.delegation = False  # the second hop (Get-VM -ComputerName other) is refused
+        self.s2d = False  # Storage Spaces Direct enabled
+        self.storage_repair_polls = 0  # storage reads that still see a repair job running
+        self.unhealthy_disks = ["CSV1"]  # while a repair runs
         self._lock = threading.RLock()
 
     def call(self, fn: Callable[[], T], command: str) -> T:

@@ -108,6 +108,36 @@ class Job:
         return self.status in (JobStatus.COMPLETED, JobStatus.SUCCEED_WITH_INFO)
 
 
+@dataclass(frozen=True)
+class StorageHealth:
+    """Storage Spaces Direct as the cluster reports it. `s2d` False: no S2D, nothing to wait
+    for; `checked` False: this backend cannot tell (the reason in `note`)."""
+
+    s2d: bool
+    repair_jobs: tuple[str, ...] = ()
+    unhealthy_disks: tuple[str, ...] = ()
+    checked: bool = True
+    note: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.repair_jobs and not self.unhealthy_disks
+
+    def summary(self) -> str:
+        if not self.checked:
+            return f"storage not checked: {self.note}"
+        if not self.s2d:
+            return "no Storage Spaces Direct"
+        if self.healthy:
+            return "Storage Spaces Direct healthy"
+        parts = []
+        if self.repair_jobs:
+            parts.append(f"repair jobs running: {', '.join(self.repair_jobs)}")
+        if self.unhealthy_disks:
+            parts.append(f"virtual disks not healthy: {', '.join(self.unhealthy_disks)}")
+        return "; ".join(parts)
+
+
 class ClusterBackend(Protocol):
     """What node patching needs from a cluster manager (VMM, Failover Clustering, the simulator)."""
 
@@ -150,6 +180,11 @@ class ClusterBackend(Protocol):
         `kind` is one of: enter_maintenance, exit_maintenance, move_vm, start_vm, save_vm,
         shutdown_vm; `target` is a host name or a VM ID.
         """
+        ...
+
+    def storage_health(self, cluster: str) -> StorageHealth:
+        """Storage Spaces Direct repair jobs running and virtual disks not healthy (node
+        patching waits for none before a node counts as back, and between nodes)."""
         ...
 
     def close(self) -> None: ...

@@ -62,6 +62,31 @@ Receive-Job -Job $job -ErrorAction Stop
 """
 
 
+# Storage Spaces Direct: repair/resync jobs running and virtual disks not healthy.
+STORAGE_SCRIPT = """\
+param()
+$s2d = Get-ClusterStorageSpacesDirect -ErrorAction SilentlyContinue
+$enabled = ($null -ne $s2d) -and ([string]$s2d.State -eq 'Enabled')
+$jobs = @()
+$disks = @()
+if ($enabled) {
+    $jobs = @(Get-StorageJob | Where-Object { [string]$_.JobState -eq 'Running' } |
+        ForEach-Object { [string]$_.Name })
+    foreach ($disk in Get-VirtualDisk) {
+        $healthy = [string]$disk.HealthStatus -eq 'Healthy'
+        if (-not $healthy -or [string]$disk.OperationalStatus -ne 'OK') {
+            $disks += [string]$disk.FriendlyName
+        }
+    }
+}
+[pscustomobject]@{
+    Enabled = $enabled
+    RunningJobs = $jobs
+    UnhealthyDisks = $disks
+}
+"""
+
+
 class FailoverBackend:
     """`base.ClusterBackend` over the FailoverClusters and Hyper-V modules on the nodes."""
 
@@ -147,6 +172,16 @@ class FailoverBackend:
         if str(node.get("DrainStatus")).lower() == "inprogress":
             return f"{PREFIX}:enter_maintenance:{node['Name']}"
         return None
+
+    def storage_health(self, cluster: str) -> base.StorageHealth:
+        """Get-ClusterStorageSpacesDirect, Get-StorageJob and Get-VirtualDisk on a node."""
+        rows = self._cluster_run([psrp.Cmd(STORAGE_SCRIPT, {}, script=True)], cluster)
+        found = psrp.props(rows[0]) if rows else {}
+        return base.StorageHealth(
+            s2d=bool(found.get("Enabled")),
+            repair_jobs=tuple(str(j) for j in found.get("RunningJobs") or ()),
+            unhealthy_disks=tuple(str(d) for d in found.get("UnhealthyDisks") or ()),
+        )
 
     # -- writes ------------------------------------------------------------------------------
 

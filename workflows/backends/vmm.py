@@ -232,6 +232,16 @@ class VmmBackend:
         found = self._run(cmds, host)
         return str(psrp.props(found[0]).get("ID")) if found else None
 
+    def storage_health(self, cluster: str) -> base.StorageHealth:
+        """VMM's own session cannot read the nodes' storage jobs (that would be a second hop
+        from the VMM server): not checked, and said so."""
+        return base.StorageHealth(
+            s2d=False,
+            checked=False,
+            note="the vmm backend does not read Storage Spaces Direct repair jobs; "
+            "`nodepatch doctor --survey` records whether the cluster has S2D",
+        )
+
     # -- writes ------------------------------------------------------------------------------
 
     def enter_maintenance(self, host: str) -> str:
