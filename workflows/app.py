@@ -130,14 +130,21 @@ class App:
             return SimulatedPatcher(
                 self.backend, patch_seconds=float(options.get("patch_seconds", 60))
             )
-        from workflows.patchers import remote
+        from workflows.patchers import configmgr, remote
 
         patchers: dict[
-            str, type[remote.RebootPatcher | remote.WindowsUpdatePatcher | remote.ScriptPatcher]
+            str,
+            type[
+                remote.RebootPatcher
+                | remote.WindowsUpdatePatcher
+                | remote.ScriptPatcher
+                | configmgr.ConfigMgrPatcher
+            ],
         ] = {
             "reboot": remote.RebootPatcher,
             "windows-update": remote.WindowsUpdatePatcher,
             "script": remote.ScriptPatcher,
+            "configmgr": configmgr.ConfigMgrPatcher,
         }
         if kind not in patchers:
             raise errors.ConfigError(f"patcher.kind: {kind!r} has no implementation here")

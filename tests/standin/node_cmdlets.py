@@ -18,9 +18,9 @@ import json
 from typing import Any
 
 from tests.standin import dispatch
-from tests.standin.world import World
+from tests.standin.world import NodeState, World
 from workflows.backends import simulated
-from workflows.patchers import remote
+from workflows.patchers import configmgr, remote
 
 OS_TYPE = "Microsoft.Management.Infrastructure.CimInstance#root/cimv2/Win32_OperatingSystem"
 
@@ -39,7 +39,57 @@ class NodeCmdlets:
         return {
             remote.WU_START_SCRIPT: self.wu_start,
             remote.WU_STATUS_SCRIPT: self.wu_status,
+            configmgr.CM_START_SCRIPT: self.cm_start,
+            configmgr.CM_STATUS_SCRIPT: self.cm_status,
         }
+
+    # -- ConfigMgr client (root\ccm\ClientSDK) -------------------------------------------------
+
+    def _ccm(self, inv: dispatch.Invocation) -> NodeState:
+        if str(inv.get("Namespace")).lower() != "root\\ccm\\clientsdk":
+            raise dispatch.Terminating("Invalid namespace", "ObjectNotFound")
+        if not self.w.cm_client:
+            raise dispatch.Terminating(
+                "Invalid namespace 'root\\ccm\\ClientSDK' (no ConfigMgr client)", "ObjectNotFound"
+            )
+        node = self.w.node(inv.ctx.computer)
+        if node.cm_updates is None:  # deployed to the node, still missing
+            node.cm_updates = [dict(u, polls=0) for u in self.w.cm_deployed]
+        return node
+
+    def cm_start(self, inv: dispatch.Invocation) -> list[Any]:
+        """InstallUpdates on the missing updates: each goes through its `states`."""
+        node = self._ccm(inv)
+        missing = [u for u in node.cm_updates or [] if u["compliance"] == 0]
+        for update in missing:
+            update["submitted"] = True
+        return [{"Article": "KB" + u["article"]} for u in missing]
+
+    def cm_status(self, inv: dispatch.Invocation) -> list[Any]:
+        """One object per CCM_SoftwareUpdate (EvaluationState advancing one step per poll once
+        submitted), then DetermineIfRebootPending."""
+        node = self._ccm(inv)
+        out: list[Any] = []
+        for update in node.cm_updates or []:
+            state = 1
+            if update.get("submitted"):
+                update["polls"] += 1
+                states = update["states"]
+                state = states[min(update["polls"], len(states)) - 1]
+                if state in (8, 9, 10):
+                    node.reboot_pending = True
+            error = update.get("error", 0) if state == 13 else 0
+            out.append(
+                {
+                    "Kind": "Update",
+                    "Article": "KB" + update["article"],
+                    "State": state,
+                    "Compliance": update["compliance"],
+                    "ErrorCode": error,
+                }
+            )
+        out.append({"Kind": "Reboot", "RebootPending": node.reboot_pending})
+        return out
 
     def get_cim(self, inv: dispatch.Invocation) -> list[Any]:
         if str(inv.get("ClassName")).lower() != "win32_operatingsystem":

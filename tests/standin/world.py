@@ -110,6 +110,7 @@ class NodeState:
     drops_left: int = 0
     wu_runs: dict[str, int] = dataclasses.field(default_factory=dict)
     reboot_pending: bool = False  # Microsoft.Update.SystemInfo.RebootRequired
+    cm_updates: list[dict[str, Any]] | None = None  # this node's CCM_SoftwareUpdate instances
 
 
 class World:
@@ -126,6 +127,14 @@ class World:
         self.wu_result: dict[str, Any] | None = None
         self.wu_task_exit: int | None = None  # Ready without a result, this LastTaskResult
         self.wu_drop_polls = 0
+        # ConfigMgr client: the updates deployed to every node, each with the EvaluationState
+        # values it goes through once submitted (2 Submitted, 7 Installing, 8 PendingSoftReboot,
+        # 12 InstallComplete, 13 Error), its ComplianceState (0: missing) and ErrorCode.
+        self.cm_client = True
+        self.cm_deployed: list[dict[str, Any]] = [
+            {"article": "5030219", "compliance": 0, "states": [2, 7, 8]},
+            {"article": "5031364", "compliance": 0, "states": [2, 5, 7, 12]},
+        ]
         # VMM knobs (documented behaviour the simulator does not model)
         self.vm_status: dict[str, str] = {}  # VM id -> a non-power VMM Status (UpdateFailed...)
         self.vm_memory: dict[str, dict[str, int | None]] = {}  # startup/assigned/maximum MB
@@ -243,6 +252,12 @@ class World:
             return "drop"
         state.reboot_job = None
         state.reboot_pending = False
+        if state.cm_updates is not None:  # installed updates are compliant after the restart
+            state.cm_updates = [
+                dict(u, compliance=1, submitted=False)
+                for u in state.cm_updates
+                if u.get("submitted") and u["states"][-1] in (8, 9, 10, 12)
+            ] + [u for u in state.cm_updates if not u.get("submitted")]
         state.boot_time = dt.datetime.now(dt.UTC).replace(microsecond=0)
         return None
 
