@@ -116,6 +116,19 @@ class App:
         where = f"backend.{self.settings.backend}"
         return connection.backend_options(self.settings.connection, where)
 
+    def node_settings(self) -> Any:
+        """How to reach a node (a callable), when a node-side patcher is configured; else None."""
+        from workflows import settings as config
+
+        kind = self.settings.patcher
+        if kind not in config.REMOTE_PATCHERS:
+            return None
+        from workflows.patchers import remote
+
+        options = dict(self.settings.patcher_options)
+        patch = remote.settings_from_mapping(options, f"patcher.{kind}", self.environ)
+        return patch.for_host
+
     def patcher(self, kind: str, cluster: str) -> Patcher:
         """The patcher of a run; raises ConfigError if its configuration is invalid."""
         options: dict[str, Any] = dict(self.settings.patcher_options)

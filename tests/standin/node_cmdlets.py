@@ -33,7 +33,18 @@ class NodeCmdlets:
         return {
             "Get-CimInstance": self.get_cim,
             "Restart-Computer": self.restart,
+            "Get-CimClass": self.get_cim_class,
         }
+
+    def get_cim_class(self, inv: dispatch.Invocation) -> list[Any]:
+        """The ConfigMgr client's classes in root\\ccm\\ClientSDK (when it is installed)."""
+        if not self.w.cm_client:
+            raise dispatch.Terminating("Invalid namespace", "ObjectNotFound")
+        names = ["CCM_SoftwareUpdate", "CCM_SoftwareUpdatesManager", "CCM_ClientUtilities"]
+        return [
+            {"__type__": "Microsoft.Management.Infrastructure.CimClass", "CimClassName": n}
+            for n in names
+        ]
 
     def scripts(self) -> dict[str, dispatch.Handler]:
         return {

@@ -307,6 +307,8 @@ def select(inv: dispatch.Invocation) -> list[Any]:
         elif expand:
             out.append(obj.get(str(expand)))  # a nested object comes whole
 
+        elif list(wanted) == ["*"]:
+            out.append({**obj, "__type__": f"Selected.{obj.get('__type__', 'System.Object')}"})
         else:
             picked = {str(p): obj.get(str(p)) for p in wanted}
             out.append({"__type__": f"Selected.{obj.get('__type__', 'System.Object')}", **picked})
