@@ -264,7 +264,11 @@ class FailoverBackend:
         order = [current, *others] if current else ["", *others]
         if self._avoid:
             order.sort(key=self._is_avoided)
-        return order
+        unique: dict[str, str] = {}  # one try per address (the server is usually a node too)
+        for node in order:
+            address = (self.address(node) if node else _server_address(self.settings)).lower()
+            unique.setdefault(address, node)
+        return list(unique.values())
 
     def _is_avoided(self, node: str) -> bool:
         """Whether the candidate ("" is the configured server) is the node in maintenance."""
