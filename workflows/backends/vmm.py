@@ -176,10 +176,13 @@ class VmmBackend:
         if not found:
             raise errors.BackendError(f"unknown job {job_id!r}", target=job_id)
         fields = psrp.props(found[0])
-        status = JOB_STATUS_MAP.get(str(fields.get("Status", "")).lower())
-        if status not in (base.JobStatus.COMPLETED, base.JobStatus.RUNNING) and not isinstance(
-            fields.get("ErrorInfo"), Mapping
-        ):
+        status = JOB_STATUS_MAP.get(str(fields.get("Status", "")).lower(), base.JobStatus.FAILED)
+        explains = status not in (
+            base.JobStatus.COMPLETED,
+            base.JobStatus.RUNNING,
+            base.JobStatus.NOT_STARTED,
+        )
+        if explains and not isinstance(fields.get("ErrorInfo"), Mapping):
             fields["ErrorInfo"] = self._error_info(guid) or fields.get("ErrorInfo")
         return job_from(fields, job_id)
 
