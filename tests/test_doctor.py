@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from engine import errors
 from tests.standin import build, server, settings_for
-from tests.standin.fixtures import Rig, rig, standin_sim  # noqa: F401 - pytest fixtures
+from tests.standin.fixtures import Rig, addresses, rig, standin_sim  # noqa: F401 - pytest fixtures
 from workflows import doctor
 from workflows.backends import connection, simulated
 
@@ -36,7 +36,10 @@ def test_all_checks_pass_against_the_stand_in(rig: Rig) -> None:  # noqa: F811
 
 def test_failover_kind_checks_the_failover_module(rig: Rig) -> None:  # noqa: F811
     """kind='failover' probes Get-ClusterNode and reads the cluster through FailoverBackend."""
-    checks = doctor.diagnose(rig.settings("hv01"), kind="failover", cluster="cluster1")
+    options = {"node_addresses": addresses(rig)}
+    checks = doctor.diagnose(
+        rig.settings("hv01"), kind="failover", cluster="cluster1", options=options
+    )
     assert names(checks) == ["tcp", "authentication", "module", "cluster"]
     assert all(c.ok for c in checks), checks
 

@@ -7,12 +7,12 @@ import uuid
 import pytest
 
 from engine import errors
-from tests.standin.fixtures import Rig, rig, standin_sim  # noqa: F401 - pytest fixtures
+from tests.standin.fixtures import Rig, addresses, rig, standin_sim  # noqa: F401 - pytest fixtures
 from workflows.backends import base, failover
 
 
 def backend_for(rig: Rig) -> failover.FailoverBackend:  # noqa: F811
-    return failover.FailoverBackend(rig.settings("hv01"))
+    return failover.FailoverBackend(rig.settings("hv01"), node_addresses=addresses(rig))
 
 
 def test_drain_saves_non_ha_vms_then_suspends_with_drain(rig: Rig) -> None:  # noqa: F811

@@ -12,9 +12,9 @@ import tree_sitter_pwsh
 from tree_sitter import Language, Node, Parser
 
 from workflows.backends import failover, psrp, vmm
-from workflows.patchers import remote
+from workflows.patchers import configmgr, remote
 
-MODULES: list[ModuleType] = [vmm, failover, psrp, remote]
+MODULES: list[ModuleType] = [vmm, failover, psrp, remote, configmgr]
 PARSER = Parser(Language(tree_sitter_pwsh.language()))
 
 

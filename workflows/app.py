@@ -94,13 +94,14 @@ class App:
                 )
             return SimulatedCluster(path)
         conn = self.connection()
+        options = self.options()
         if self.settings.backend == "vmm":
             from workflows.backends.vmm import VmmBackend
 
-            return VmmBackend(conn)
+            return VmmBackend(conn, **options)
         from workflows.backends.failover import FailoverBackend
 
-        return FailoverBackend(conn)
+        return FailoverBackend(conn, **options)
 
     def connection(self) -> Any:
         """The validated connection settings of the configured VMM or failover backend."""
@@ -108,6 +109,26 @@ class App:
 
         where = f"backend.{self.settings.backend}"
         return connection.from_mapping(self.settings.connection, where, self.environ)
+
+    def options(self) -> dict[str, Any]:
+        """The validated backend options of the configured VMM or failover backend."""
+        from workflows.backends import connection
+
+        where = f"backend.{self.settings.backend}"
+        return connection.backend_options(self.settings.connection, where)
+
+    def node_settings(self) -> Any:
+        """How to reach a node (a callable), when a node-side patcher is configured; else None."""
+        from workflows import settings as config
+
+        kind = self.settings.patcher
+        if kind not in config.REMOTE_PATCHERS:
+            return None
+        from workflows.patchers import remote
+
+        options = dict(self.settings.patcher_options)
+        patch = remote.settings_from_mapping(options, f"patcher.{kind}", self.environ)
+        return patch.for_host
 
     def patcher(self, kind: str, cluster: str) -> Patcher:
         """The patcher of a run; raises ConfigError if its configuration is invalid."""
@@ -124,14 +145,21 @@ class App:
             return SimulatedPatcher(
                 self.backend, patch_seconds=None if seconds is None else float(seconds)
             )
-        from workflows.patchers import remote
+        from workflows.patchers import configmgr, remote
 
         patchers: dict[
-            str, type[remote.RebootPatcher | remote.WindowsUpdatePatcher | remote.ScriptPatcher]
+            str,
+            type[
+                remote.RebootPatcher
+                | remote.WindowsUpdatePatcher
+                | remote.ScriptPatcher
+                | configmgr.ConfigMgrPatcher
+            ],
         ] = {
             "reboot": remote.RebootPatcher,
             "windows-update": remote.WindowsUpdatePatcher,
             "script": remote.ScriptPatcher,
+            "configmgr": configmgr.ConfigMgrPatcher,
         }
         if kind not in patchers:
             raise errors.ConfigError(f"patcher.kind: {kind!r} has no implementation here")

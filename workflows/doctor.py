@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from engine import errors
 from workflows.backends import base, connection, failover, psrp, vmm
@@ -29,9 +30,14 @@ class Check:
 
 
 def diagnose(
-    settings: connection.ConnectionSettings, *, kind: str = "vmm", cluster: str | None = None
+    settings: connection.ConnectionSettings,
+    *,
+    kind: str = "vmm",
+    cluster: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[Check]:
-    """Run the checks in order; stop after the first failed one."""
+    """Run the checks in order; stop after the first failed one. `options` are the backend's
+    (`connection.backend_options`), e.g. the failover backend's node_addresses."""
     if kind not in MODULE_PROBES:
         raise errors.UsageError(f"doctor: kind must be one of {', '.join(MODULE_PROBES)}")
     checks: list[Check] = []
@@ -42,7 +48,7 @@ def diagnose(
     steps += [
         lambda: check_auth(session),
         lambda: check_module(session, kind),
-        lambda: check_cluster(settings, kind, cluster),
+        lambda: check_cluster(settings, kind, cluster, options or {}),
     ]
     if kind == "vmm":
         steps.append(lambda: check_jobs(session))
@@ -126,14 +132,24 @@ def check_tls(settings: connection.ConnectionSettings) -> Check:
 
 
 def check_auth(session: psrp.Session) -> Check:
+    missing = psrp.missing_module(session.settings.auth)
+    if missing:
+        return Check("authentication", False, missing)
     try:
         session.open()
     except errors.AuthenticationFailed:
         return Check("authentication", False, "the server rejected the username or password")
-    except (errors.BackendError, errors.TransientBackendError) as exc:
+    except (errors.BackendError, errors.TransientBackendError, errors.ConfigError) as exc:
         return Check("authentication", False, f"cannot open a PowerShell session: {exc}")
-    user = session.settings.username
-    return Check("authentication", True, f"logged on as {user} ({session.settings.auth})")
+    user = session.settings.username or "(Kerberos ticket cache)"
+    mechanism = session.mechanism()
+    detail = f"logged on as {user} ({session.settings.auth}; negotiated: {mechanism})"
+    if session.settings.auth == "negotiate" and mechanism == "ntlm":
+        detail += (
+            "; NTLM, not Kerberos: no delegation, and Kerberos needs gssapi/krb5 "
+            "(pip install 'nodepatch[kerberos]') and a ticket (kinit)"
+        )
+    return Check("authentication", True, detail)
 
 
 def check_module(session: psrp.Session, kind: str) -> Check:
@@ -147,11 +163,19 @@ def check_module(session: psrp.Session, kind: str) -> Check:
     return Check("module", True, f"{cmdlet} is available")
 
 
-def check_cluster(settings: connection.ConnectionSettings, kind: str, cluster: str | None) -> Check:
+def check_cluster(
+    settings: connection.ConnectionSettings,
+    kind: str,
+    cluster: str | None,
+    options: Mapping[str, Any],
+) -> Check:
     if cluster is None:
         return Check("cluster", True, "skipped (no cluster given)")
     backend: vmm.VmmBackend | failover.FailoverBackend
-    backend = vmm.VmmBackend(settings) if kind == "vmm" else failover.FailoverBackend(settings)
+    if kind == "vmm":
+        backend = vmm.VmmBackend(settings, **options)
+    else:
+        backend = failover.FailoverBackend(settings, **options)
     try:
         inv = backend.inventory(cluster)
     except (errors.BackendError, errors.TransientBackendError) as exc:
@@ -160,9 +184,11 @@ def check_cluster(settings: connection.ConnectionSettings, kind: str, cluster: s
         backend.close()
     if not inv.hosts:
         return Check("cluster", False, f"cluster {inv.cluster} shows no nodes to this account")
-    return Check(
-        "cluster", True, f"cluster {inv.cluster}: {len(inv.hosts)} nodes, {len(inv.vms)} VMs"
-    )
+    down = [h.name for h in inv.hosts if not h.responding]
+    detail = f"cluster {inv.cluster}: {len(inv.hosts)} nodes, {len(inv.vms)} VMs"
+    if down:
+        return Check("cluster", False, f"{detail}; down or unreachable: {', '.join(down)}")
+    return Check("cluster", True, detail)
 
 
 def check_jobs(session: psrp.Session) -> Check:

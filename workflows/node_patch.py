@@ -202,6 +202,7 @@ class NodePatch:
         if left:
             names = ", ".join(f"{vm.name!r} ({vm.id})" for vm in left)
             raise errors.StepFailed(f"VMs still running on {p.node} after the drain: {names}")
+        _check_live_migrated(inventory, snapshot, p.node)
         return inventory
 
     def _pre_drain_actions(self, ctx: StepContext, p: Params, snapshot: planning.Plan) -> None:
@@ -293,7 +294,21 @@ class NodePatch:
             raise errors.StepFailed(
                 f"patching {p.node} failed: {outcome.message}; the node stays in maintenance"
             )
-        return Advance("patched", publish={"patch": {"patcher": p.patcher, **outcome.details}})
+        details = dict(outcome.details)
+        if details.get("reboot") == "pending":  # the reboot is a journaled job of its own
+            rebooted = ctx.run_job(
+                "patch_reboot",
+                submit=lambda: patcher.reboot(p.node),
+                poll=patcher.poll,
+                label=f"rebooting {p.node}",
+            )
+            if not rebooted.ok:
+                raise errors.StepFailed(
+                    f"rebooting {p.node} after patching failed: {rebooted.message}; "
+                    "the node stays in maintenance"
+                )
+            details["reboot"] = "true"
+        return Advance("patched", publish={"patch": {"patcher": p.patcher, **details}})
 
     # ---- Enabling ----------------------------------------------------------------------
 
@@ -309,7 +324,22 @@ class NodePatch:
         after = self.backend.inventory(p.cluster).host(p.node)
         if after is None or after.maintenance or not after.available_for_placement:
             raise errors.StepFailed(f"{p.node} is not available for placement after enabling")
+        self._wait_storage(ctx, p)
         return Advance("enabled")
+
+    def _wait_storage(self, ctx: StepContext, p: Params) -> None:
+        """Storage Spaces Direct repairs after a node returns: the node counts as back once no
+        repair job runs and every virtual disk is healthy (bounded by the step's timeout)."""
+        health = self.backend.storage_health(p.cluster)
+        if not health.checked:
+            ctx.progress(health.summary())
+        said = False
+        while not health.healthy:
+            if not said:
+                ctx.progress(f"waiting for storage to heal: {health.summary()}")
+                said = True
+            ctx.wait(on=f"waiting for storage to heal: {health.summary()}")
+            health = self.backend.storage_health(p.cluster)
 
     def _wait_responding(self, ctx: StepContext, p: Params) -> Host:
         said = False
@@ -513,6 +543,24 @@ def _target(
     if problems:
         raise errors.StepFailed("; ".join(problems))
     return targets[vm.id]
+
+
+def _check_live_migrated(inventory: Inventory, snapshot: planning.Plan, node: str) -> None:
+    """Every VM the drain was to live-migrate is Running on another node: a cluster manager
+    that saved or stopped one instead (VMM does when a live migration fails) cut its users
+    off, and that must fail the drain now rather than pass for someone else's change later."""
+    stranded = []
+    for planned in snapshot.vms:
+        vm = inventory.vm(planned.id)
+        if planned.action != planning.Action.LIVE_MIGRATE or vm is None:
+            continue
+        if vm.host.lower() == node.lower() or str(vm.state) != planned.state:
+            stranded.append(f"{vm.name!r} ({vm.id}) is {vm.state} on {vm.host}")
+    if stranded:
+        raise errors.StepFailed(
+            f"the drain of {node} did not live-migrate every HA VM: {'; '.join(stranded)}; "
+            "start or move them by hand (or `nodepatch abort`)"
+        )
 
 
 def _moved_by_run(ctx: StepContext, snapshot: planning.Plan) -> set[str]:

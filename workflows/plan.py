@@ -152,6 +152,8 @@ def make_plan(
             + ", ".join(_label(vm) for vm in blocked)
             + "; say what to do with them: --non-ha save|shutdown|migrate"
         )
+    unsafe = [vm for vm, _ in planned if vm.problem]
+    problems += [f"VM {_label(vm)}: {vm.problem}" for vm in unsafe]
     given = dict(targets or {})
     own = [(vm, a) for vm, a in planned if vm.id not in given]
     placed, capacity = place(inventory, host.name, own, away=away)
@@ -212,7 +214,13 @@ def place(
     ]
     for vm, action in sorted(moving, key=lambda p: -p[0].memory_mb):
         needs = vm.memory_mb if action is not Action.EVACUATE else 0
-        fits = [h for h, mb in free.items() if mb >= needs]
+        fits = [h for h, mb in free.items() if mb >= needs and _takes(inventory, h, vm, action)]
+        if action is Action.MIGRATE and not any(_takes(inventory, h, vm, action) for h in free):
+            problems.append(
+                f"VM {_label(vm)} is not highly available and no destination path is known on "
+                "the other nodes (set backend.vmm.vm_path)"
+            )
+            continue
         if not fits:
             problems.append(
                 f"not enough memory on the remaining nodes for {_label(vm)} ({vm.memory_mb} MB)"
@@ -224,10 +232,18 @@ def place(
     return targets, problems
 
 
+def _takes(inventory: Inventory, host: str, vm: Vm, action: Action) -> bool:
+    """A non-HA VM moved to a host needs a destination path there."""
+    found = inventory.host(host)
+    return action is not Action.MIGRATE or (found is not None and found.vm_path_known)
+
+
 def fits(inventory: Inventory, host: str, vm: Vm, action: Action) -> bool:
     """Whether `host` can take the VM now: up, not in maintenance, enough free memory."""
     found = inventory.host(host)
     if found is None or found.state is not HostState.UP or found.maintenance:
+        return False
+    if not _takes(inventory, host, vm, action):
         return False
     needs = vm.memory_mb if action is not Action.EVACUATE else 0
     return inventory.free_memory_mb(found.name) >= needs

@@ -24,9 +24,17 @@ from workflows.cycle import config as cycle_config
 from workflows.node_patch import NODE_PATCH, STATES
 
 BACKENDS = ("simulated", "vmm", "failover")
-PATCHERS = ("auto", "simulated", "external", "windows-update", "script", "reboot")
+PATCHERS = (
+    "auto",
+    "simulated",
+    "external",
+    "windows-update",
+    "script",
+    "reboot",
+    "configmgr",
+)
 CONNECTED_BACKENDS = ("vmm", "failover")
-REMOTE_PATCHERS = ("windows-update", "script", "reboot")
+REMOTE_PATCHERS = ("windows-update", "script", "reboot", "configmgr")
 
 
 def default_database() -> str:
@@ -76,6 +84,7 @@ _SCHEMA: dict[str, Any] = {
         "windows-update": dict,
         "script": dict,
         "reboot": dict,
+        "configmgr": dict,
     },
     "engine": {"lease_ttl_s": float, "poll_interval_s": float},
     "timeouts_s": dict,

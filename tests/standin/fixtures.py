@@ -53,6 +53,11 @@ class Rig:
         return self.standin.dispatcher.commands(name)
 
 
+def addresses(rig: Rig, nodes: tuple[str, ...] = ("hv01", "hv02", "hv03")) -> dict[str, str]:
+    """node_addresses for the stand-in's node endpoints (127.0.0.1:port each)."""
+    return {n: f"127.0.0.1:{rig.port(n)}" for n in nodes}
+
+
 @pytest.fixture
 def standin_sim(tmp_path: Path) -> simulated.SimulatedCluster:
     """A 3-host, 12-VM simulated cluster (2 non-HA, 1 stopped HA), zero latency."""

@@ -43,6 +43,10 @@ class Host:
     maintenance: bool = False
     state: HostState = HostState.UP
     available_for_placement: bool = True
+    address: str = ""
+    """The node's FQDN when the backend knows it (patchers connect to it); empty: use the name."""
+    vm_path_known: bool = True
+    """Whether a non-HA VM (local storage) can be moved here: a destination path is known."""
 
     @property
     def responding(self) -> bool:
@@ -57,6 +61,8 @@ class Vm:
     ha: bool
     state: PowerState
     memory_mb: int
+    problem: str = ""
+    """Why the VM is not safe to touch (e.g. VMM status UpdateFailed); empty when it is."""
 
     @property
     def uses_memory(self) -> bool:
@@ -100,6 +106,36 @@ class Job:
     @property
     def ok(self) -> bool:
         return self.status in (JobStatus.COMPLETED, JobStatus.SUCCEED_WITH_INFO)
+
+
+@dataclass(frozen=True)
+class StorageHealth:
+    """Storage Spaces Direct as the cluster reports it. `s2d` False: no S2D, nothing to wait
+    for; `checked` False: this backend cannot tell (the reason in `note`)."""
+
+    s2d: bool
+    repair_jobs: tuple[str, ...] = ()
+    unhealthy_disks: tuple[str, ...] = ()
+    checked: bool = True
+    note: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.repair_jobs and not self.unhealthy_disks
+
+    def summary(self) -> str:
+        if not self.checked:
+            return f"storage not checked: {self.note}"
+        if not self.s2d:
+            return "no Storage Spaces Direct"
+        if self.healthy:
+            return "Storage Spaces Direct healthy"
+        parts = []
+        if self.repair_jobs:
+            parts.append(f"repair jobs running: {', '.join(self.repair_jobs)}")
+        if self.unhealthy_disks:
+            parts.append(f"virtual disks not healthy: {', '.join(self.unhealthy_disks)}")
+        return "; ".join(parts)
 
 
 class ClusterBackend(Protocol):
@@ -149,6 +185,10 @@ class ClusterBackend(Protocol):
     def interference(self, cluster: str) -> list[str]:
         """What else is changing the cluster now (jobs running on its hosts, a Cluster-Aware
         Updating run or its lock), each named: a cycle refuses to start while there is any."""
+
+    def storage_health(self, cluster: str) -> StorageHealth:
+        """Storage Spaces Direct repair jobs running and virtual disks not healthy (node
+        patching waits for none before a node counts as back, and between nodes)."""
         ...
 
     def close(self) -> None: ...

@@ -22,12 +22,18 @@ LOOPBACK_NAMES = ("localhost",)
 
 _STR_KEYS = ("server", "username", "password_env", "password_file", "ca_bundle", "auth")
 _OPTIONAL_STR_KEYS = ("configuration_name", "encryption")
-_BOOL_KEYS = ("ssl", "cert_validation", "allow_insecure_basic")
+_BOOL_KEYS = ("ssl", "cert_validation", "allow_insecure_basic", "negotiate_delegate")
 _INT_KEYS = ("port",)
 _FLOAT_KEYS = ("operation_timeout_s", "connection_timeout_s", "read_timeout_s")
 KNOWN_KEYS = frozenset(
     (*_STR_KEYS, *_OPTIONAL_STR_KEYS, *_BOOL_KEYS, *_INT_KEYS, *_FLOAT_KEYS, "password")
 )
+# Keys of a `backend.<name>` block that are backend options, not connection settings.
+BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "vmm": ("dynamic_memory", "vm_path"),
+    "failover": ("node_addresses", "shutdown_timeout_s"),
+}
+DYNAMIC_MEMORY_CHOICES = ("assigned", "maximum")
 
 
 class Secret(str):
@@ -59,7 +65,7 @@ class ConnectionSettings:
     """
 
     server: str
-    username: str
+    username: str = ""
     password: Secret = dataclasses.field(repr=False, default=Secret(""))
     port: int | None = None
     ssl: bool = True
@@ -71,6 +77,8 @@ class ConnectionSettings:
     connection_timeout_s: float = 30.0
     read_timeout_s: float = 30.0
     allow_insecure_basic: bool = False
+    negotiate_delegate: bool = False
+    """Kerberos delegation (the second hop, e.g. a failover node reaching the other nodes)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.password, Secret):
@@ -89,6 +97,19 @@ class ConnectionSettings:
         """The same settings aimed at another server (e.g. a cluster node)."""
         return dataclasses.replace(self, server=server)
 
+    def for_address(self, address: str) -> ConnectionSettings:
+        """The same settings aimed at `host` or `host:port`."""
+        server, _, port = address.rpartition(":") if address.count(":") == 1 else (address, "", "")
+        if port:
+            return dataclasses.replace(self, server=server, port=int(port))
+        return dataclasses.replace(self, server=address)
+
+    @property
+    def password_or_none(self) -> str | None:
+        """The password, or None when there is none: pyspnego reads only None as "use the
+        Kerberos credential cache (kinit, keytab)"; an empty string would be sent."""
+        return str(self.password) or None
+
     def wsman_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `pypsrp.wsman.WSMan` (contains the password: never log it)."""
         validation: bool | str = self.cert_validation
@@ -98,8 +119,8 @@ class ConnectionSettings:
         return {
             "server": self.server,
             "port": self.effective_port,
-            "username": self.username,
-            "password": str(self.password),
+            "username": self.username or None,
+            "password": self.password_or_none,
             "ssl": self.ssl,
             "auth": self.auth,
             "cert_validation": validation,
@@ -107,6 +128,7 @@ class ConnectionSettings:
             "operation_timeout": op_timeout,
             "connection_timeout": self.connection_timeout_s,
             "read_timeout": max(self.read_timeout_s, op_timeout + 5),
+            **({"negotiate_delegate": True} if self.negotiate_delegate else {}),
         }
 
 
@@ -126,18 +148,56 @@ def _check_combination(s: ConnectionSettings, where: str) -> None:
             raise errors.ConfigError(f"{where}.{name}: must be positive")
 
 
+def backend_options(data: Mapping[str, object], where: str) -> dict[str, Any]:
+    """The validated backend options of a `backend.<name>` block (see BACKEND_OPTIONS)."""
+    name = where.rsplit(".", 1)[-1]
+    out: dict[str, Any] = {}
+    for key in BACKEND_OPTIONS.get(name, ()):
+        if key not in data:
+            continue
+        val = data[key]
+        if key == "node_addresses":
+            if not isinstance(val, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in val.items()
+            ):
+                raise errors.ConfigError(f"{where}.{key}: must be a mapping of node to address")
+            out[key] = {k.lower(): v for k, v in val.items()}
+        elif key.endswith("_s"):
+            if isinstance(val, bool) or not isinstance(val, int | float) or val <= 0:
+                raise errors.ConfigError(f"{where}.{key}: must be a positive number of seconds")
+            out[key] = float(val)
+        elif not isinstance(val, str) or not val:
+            raise errors.ConfigError(f"{where}.{key}: must be a non-empty string")
+        elif key == "dynamic_memory" and val not in DYNAMIC_MEMORY_CHOICES:
+            choices = ", ".join(DYNAMIC_MEMORY_CHOICES)
+            raise errors.ConfigError(f"{where}.{key}: must be one of {choices}")
+        else:
+            out[key] = val
+    return out
+
+
+def _connection_part(data: Mapping[str, object], where: str) -> dict[str, object]:
+    name = where.rsplit(".", 1)[-1]
+    options = set(BACKEND_OPTIONS.get(name, ())) if where.startswith("backend.") else set()
+    return {k: v for k, v in data.items() if k not in options}
+
+
 def from_mapping(
     data: Mapping[str, object], where: str, environ: Mapping[str, str]
 ) -> ConnectionSettings:
     """Validate one configuration block (e.g. `backend.vmm`) into ConnectionSettings."""
-    values = _checked_values(data, where)
+    if where.startswith("backend."):
+        backend_options(data, where)
+    values = _checked_values(_connection_part(data, where), where)
     return _settings(values, _resolve_password(values, where, environ), where)
 
 
 def validate(data: Mapping[str, object], where: str) -> None:
     """Everything `from_mapping` checks except the secret itself, which is read only when the
     connection is used (so a password variable set only for `start` does not fail `runs`)."""
-    values = _checked_values(data, where)
+    if where.startswith("backend."):
+        backend_options(data, where)
+    values = _checked_values(_connection_part(data, where), where)
     _password_source(values, where)
     _settings(values, Secret(""), where)
 
@@ -153,6 +213,8 @@ def _checked_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
         raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
     values = _typed_values(data, where)
     for required in ("server", "username"):
+        if required == "username" and values.get("auth") == "kerberos":
+            continue  # the principal of the credential cache (kinit, keytab)
         if not values.get(required):
             raise errors.ConfigError(f"{where}.{required}: required")
     encryption = values.pop("encryption", None)

@@ -81,8 +81,28 @@ class Cmd:
         return "script" if self.script else self.text
 
 
+EXTRAS = {
+    "credssp": ("requests_credssp", "nodepatch[credssp]"),
+    "kerberos": ("gssapi", "nodepatch[kerberos]"),
+}
+
+
+def missing_module(auth: str) -> str | None:
+    """One line saying which extra to install when `auth` needs a module that is missing."""
+    module, extra = EXTRAS.get(auth, ("", ""))
+    if not module:
+        return None
+    try:
+        __import__(module)
+    except ImportError:
+        return f"auth: {auth} needs the {module} module: pip install '{extra}'"
+    return None
+
+
 def classify(exc: BaseException, server: str) -> errors.EngineError | None:
     """Map a transport exception to the engine's tree; None if it is not a transport error."""
+    if isinstance(exc, ImportError):  # pypsrp raises it for an auth whose module is missing
+        return errors.ConfigError(f"cannot authenticate to {server}: {exc}")
     if isinstance(exc, psrp_exc.AuthenticationError):
         return errors.AuthenticationFailed(
             f"{server} rejected the username or password", target=server
@@ -217,6 +237,24 @@ class Session:
                 raise error_from_record(records[0], commands[-1].label, target)
             raise errors.BackendError(f"{label} failed", target=target, command=label)
         return output
+
+    def mechanism(self) -> str:
+        """The authentication mechanism the open session negotiated: kerberos, ntlm, basic,
+        credssp, certificate (or `unknown`)."""
+        session = getattr(getattr(self._wsman, "transport", None), "session", None)
+        auth = getattr(session, "auth", None)
+        contexts = getattr(auth, "contexts", None)
+        if isinstance(contexts, dict) and contexts:
+            context = next(iter(contexts.values()))
+            protocol = getattr(context, "negotiated_protocol", None) or getattr(
+                context, "response_auth_header", None
+            )
+            return str(protocol or "unknown").lower()
+        name = type(auth).__name__.lower()
+        for known in ("basic", "credssp", "certificate"):
+            if known in name:
+                return known
+        return "certificate" if self.settings.auth == "certificate" else "unknown"
 
     def open(self) -> None:
         """Open the runspace pool now (authenticates); raises like `run`."""

@@ -45,6 +45,7 @@ _FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
     "set_state": (frozenset({"vm", "state", "on"}), frozenset(), 1),
     "transient": (frozenset(), frozenset({"op"}), 1),
     "auth_fails": (frozenset(), frozenset(), None),
+    "storage_repair": (frozenset(), frozenset({"disk"}), 1),
 }
 _SIDE_EFFECTS = frozenset({"delete_vm", "move_vm", "set_state"})
 _HOST_STATES = frozenset(s.value for s in base.HostState)

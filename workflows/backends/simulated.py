@@ -150,6 +150,11 @@ class SimulatedCluster:
     def inventory(self, cluster: str) -> base.Inventory:
         return self._call("inventory", lambda w: _inventory(w, cluster))
 
+    def storage_health(self, cluster: str) -> base.StorageHealth:
+        """The simulator has Storage Spaces Direct only through `storage_repair` faults: each
+        read that takes one sees a repair job running on its disk."""
+        return self._call(None, _storage)
+
     def enter_maintenance(self, host: str) -> str:
         return self._call("enter_maintenance", lambda w: w.enter_maintenance(host))
 
@@ -242,6 +247,15 @@ class SimulatedCluster:
         if not math.isfinite(speed) or speed < 0:
             raise errors.UsageError(f"speed must be a non-negative number, got {speed!r}")
         self._call(None, lambda w: setattr(_everywhere(w), "speed", float(speed)))
+
+
+def _storage(world: simworld.World) -> base.StorageHealth:
+    faults = world.rows.faults
+    fault = simfaults.take(faults, "storage_repair", lambda f: True)
+    if fault is None:
+        return base.StorageHealth(s2d=any(f["type"] == "storage_repair" for f in faults))
+    disk = str(fault.get("disk") or "CSV1")
+    return base.StorageHealth(s2d=True, repair_jobs=(f"Repair {disk}",), unhealthy_disks=(disk,))
 
 
 def _act(

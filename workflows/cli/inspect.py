@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from typing import Any
 
 import click
 
-from engine import db
+from engine import db, errors
 from engine.model import utcnow
 from workflows import render
 from workflows.app import App
@@ -193,16 +194,28 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
 
 @click.command("doctor")
 @click.option("--cluster", help="Also check that this cluster and its nodes are visible.")
+@click.option(
+    "--survey",
+    "survey_file",
+    type=click.Path(dir_okay=False),
+    help="Also record, read-only, what the site looks like (JSON) and name every mismatch.",
+)
 @json_option
 @pass_app
-def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
+def doctor_cmd(app: App, cluster: str | None, survey_file: str | None, as_json: bool) -> None:
     """Check the configured connection end to end and say what is wrong in plain words."""
     from workflows import doctor
 
     if app.sim_file or app.settings.backend == "simulated":
+        if survey_file:
+            raise errors.UsageError("doctor --survey: needs a vmm or failover backend")
         checks = doctor.diagnose_simulated(lambda: app.backend, cluster)
     else:
-        checks = doctor.diagnose(app.connection(), kind=app.settings.backend, cluster=cluster)
+        checks = doctor.diagnose(
+            app.connection(), kind=app.settings.backend, cluster=cluster, options=app.options()
+        )
+        if survey_file and all(c.ok for c in checks):
+            checks += _survey(app, cluster, survey_file)
     ok = all(c.ok for c in checks)
     if as_json:
         emit({"ok": ok, "checks": [c.__dict__ for c in checks]})
@@ -210,6 +223,27 @@ def doctor_cmd(app: App, cluster: str | None, as_json: bool) -> None:
         for c in checks:
             click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     sys.exit(EXIT_DONE if ok else EXIT_FAILED)
+
+
+def _survey(app: App, cluster: str | None, path: str) -> list[Any]:
+    import json
+    from pathlib import Path
+
+    from workflows import doctor, survey
+
+    doc = survey.record(
+        app.connection(),
+        kind=app.settings.backend,
+        cluster=cluster,
+        options=app.options(),
+        node_settings=app.node_settings(),
+    )
+    mismatches = survey.compare(doc)
+    doc["mismatches"] = mismatches
+    Path(path).write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+    found = f"{len(mismatches)} mismatch(es) with what nodepatch expects"
+    checks = [doctor.Check("survey", not mismatches, f"recorded in {path}; {found}")]
+    return checks + [doctor.Check("survey", False, m) for m in mismatches]
 
 
 @click.group("audit")

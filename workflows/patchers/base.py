@@ -25,3 +25,8 @@ class Patcher(Protocol):
     def find(self, host: str) -> str | None:
         """The reference of unfinished patch work on host, if any (re-attach after a crash)."""
         ...
+
+    def reboot(self, host: str) -> str:
+        """Restart the node; `poll` on the reference waits for it to come back. Called, as a
+        journaled job of its own, when a finished patch job's details say `reboot: pending`."""
+        ...

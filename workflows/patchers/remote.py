@@ -64,16 +64,29 @@ $dir = Join-Path -Path $env:ProgramData -ChildPath 'nodepatch'
 $resultPath = Join-Path -Path $dir -ChildPath 'wu-result.json'
 $task = Get-ScheduledTask -TaskName $TaskName -ErrorAction SilentlyContinue
 $state = 'Missing'
+$lastResult = $null
 if ($null -ne $task) {
     $state = [string]$task.State
+    $info = Get-ScheduledTaskInfo -TaskName $TaskName -ErrorAction SilentlyContinue
+    if ($null -ne $info) {
+        $lastResult = [int64]$info.LastTaskResult
+    }
 }
 $result = $null
 if (Test-Path -Path $resultPath) {
     $result = Get-Content -Raw -Path $resultPath
 }
+$pending = $null
+try {
+    $pending = [bool](New-Object -ComObject Microsoft.Update.SystemInfo).RebootRequired
+} catch {
+    $pending = $null
+}
 [pscustomobject]@{
     TaskState = $state
     Result = $result
+    LastTaskResult = $lastResult
+    RebootPending = $pending
 }
 """
 
@@ -83,10 +96,12 @@ param()
 $dir = Join-Path -Path $env:ProgramData -ChildPath 'nodepatch'
 $configPath = Join-Path -Path $dir -ChildPath 'wu-config.json'
 $config = Get-Content -Raw -Path $configPath | ConvertFrom-Json
+$systemInfo = New-Object -ComObject Microsoft.Update.SystemInfo
 $result = [ordered]@{
     Status = 'Failed'
     Installed = @()
     RebootRequired = $false
+    RebootRequiredBefore = [bool]$systemInfo.RebootRequired
     HResult = 0
     Message = ''
     Finished = ''
@@ -125,10 +140,19 @@ try {
     $result.Status = 'Failed'
     $result.Message = $_.Exception.Message
 }
+$after = [bool](New-Object -ComObject Microsoft.Update.SystemInfo).RebootRequired
+$result.RebootRequired = $result.RebootRequired -or $after -or $result.RebootRequiredBefore
 $result.Finished = (Get-Date).ToUniversalTime().ToString('o')
 $resultPath = Join-Path -Path $dir -ChildPath 'wu-result.json'
-$result | ConvertTo-Json | Set-Content -Path $resultPath -Encoding UTF8
+$partial = $resultPath + '.partial'
+$result | ConvertTo-Json | Set-Content -Path $partial -Encoding UTF8
+Move-Item -Path $partial -Destination $resultPath -Force
 """
+
+
+TASK_HAS_NOT_RUN = 0x41303  # SCHED_S_TASK_HAS_NOT_RUN
+TASK_RUNNING = 0x41301  # SCHED_S_TASK_RUNNING
+REBOOT_PENDING = "pending"  # details["reboot"]: installed; node_patch reboots as its own job
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +170,15 @@ class RemotePatchSettings:
     script_parameters: Mapping[str, object] = dataclasses.field(default_factory=dict)
     reboot: str = "if-required"
 
-    def for_host(self, host: str, *, probe: bool = False) -> conn.ConnectionSettings:
-        """Connection settings for one node (short timeouts when probing during a reboot)."""
-        address = self.node_addresses.get(host) or self.node_addresses.get(host.lower()) or host
+    def configured_address(self, host: str) -> str | None:
+        return self.node_addresses.get(host) or self.node_addresses.get(host.lower())
+
+    def for_host(
+        self, host: str, *, probe: bool = False, address: str | None = None
+    ) -> conn.ConnectionSettings:
+        """Connection settings for one node (short timeouts when probing during a reboot):
+        `node_addresses[host]`, else `address` (the FQDN the cluster reports), else the name."""
+        address = self.configured_address(host) or address or host
         server, _, port = address.partition(":")
         values: dict[str, Any] = {"server": server}
         if port:
@@ -195,12 +225,24 @@ class _NodePatcher:
         self.backend = backend
         self.cluster = cluster
         self.clock = clock
-        self._restarts: dict[str, float] = {}
+        self._addresses: dict[str, str] = {}
 
     # -- remote calls ---------------------------------------------------------------------
 
+    def address(self, host: str) -> str:
+        """Where to reach the node: `node_addresses`, else the FQDN the cluster reports (HTTPS
+        certificates and Kerberos SPNs name FQDNs), else its name."""
+        configured = self.settings.configured_address(host)
+        if configured:
+            return configured
+        if host.lower() not in self._addresses:
+            found = self.backend.inventory(self.cluster).host(host)
+            self._addresses[host.lower()] = (found.address if found else "") or host
+        return self._addresses[host.lower()]
+
     def _run(self, host: str, cmds: list[psrp.Cmd], *, probe: bool = False) -> list[Any]:
-        session = psrp.Session(self.settings.for_host(host, probe=probe))
+        settings = self.settings.for_host(host, probe=probe, address=self.address(host))
+        session = psrp.Session(settings)
         try:
             return session.run(cmds, target=host)
         finally:
@@ -227,6 +269,10 @@ class _NodePatcher:
     # -- Patcher protocol -----------------------------------------------------------------
 
     def begin(self, host: str) -> str:
+        return self.reboot(host)
+
+    def reboot(self, host: str) -> str:
+        """Restart the node now; the reference waits for it to come back."""
         boot = self.boot_time(host)
         now = self.clock()
         self.restart(host)
@@ -301,27 +347,35 @@ class WindowsUpdatePatcher(_NodePatcher):
         return Ref(host, self.name, boot, self.clock()).dump()
 
     def find(self, host: str) -> str | None:
+        """The install still running, or finished with a reboot still pending (a crash after
+        the result was written must not search again and report "no reboot needed")."""
         status = self._status(host)
-        if status.get("TaskState") not in ("Running", "Queued") or status.get("Result"):
+        state = status.get("TaskState")
+        running = state in ("Running", "Queued") and not status.get("Result")
+        pending = bool(status.get("Result")) and bool(status.get("RebootPending"))
+        if not running and not pending:
             return None
         return Ref(host, self.name, self.boot_time(host), self.clock()).dump()
 
     def poll(self, ref: str) -> base.Job:
+        """The install only: a reboot it needs is reported as `reboot: pending`, and done as
+        a journaled job of its own (`reboot`), never remembered in this process."""
         r = Ref.load(ref)
-        if (
-            self.clock() - r.started
-            > self.settings.install_timeout_s + self.settings.reboot_timeout_s
-        ):
+        if r.restart_at is not None:
+            return self.wait_for_reboot(ref, r, r.restart_at, {"reboot": "true"})
+        if self.clock() - r.started > self.settings.install_timeout_s:
             return base.Job(ref, base.JobStatus.FAILED, 100, f"patching {r.host} timed out")
         try:
-            boot = self.boot_time(r.host, probe=True)
             status = self._status(r.host)
-        except (errors.TransientBackendError, errors.AuthenticationFailed):
-            restart_at = self._restarts.setdefault(ref, self.clock())
-            return self.wait_for_reboot(ref, r, restart_at, {"reboot": "true"})
+        except (errors.TransientBackendError, errors.AuthenticationFailed) as exc:
+            text = f"installing updates on {r.host}; it is not answering ({exc})"
+            return base.Job(ref, base.JobStatus.RUNNING, 30, text, {"host": r.host})
         result = _result(status)
         if result is None:
             return self._installing(ref, r, status)
+        return self._finished(ref, r, result, bool(status.get("RebootPending")))
+
+    def _finished(self, ref: str, r: Ref, result: Mapping[str, Any], pending_now: bool) -> base.Job:
         details = {"kbs": ",".join(result.get("Installed") or []), "reboot": "false"}
         if result.get("Status") not in ("Succeeded", "SucceededWithErrors"):
             message = result.get("Message") or f"result {result.get('Status')}"
@@ -332,13 +386,10 @@ class WindowsUpdatePatcher(_NodePatcher):
                 f"Windows Update on {r.host} failed: {message}",
                 details,
             )
-        if boot != r.boot_before or result.get("RebootRequired"):
-            details["reboot"] = "true"
-            if boot == r.boot_before and ref not in self._restarts:
-                self._restarts[ref] = self.clock()
-                self.restart(r.host)
-            restart_at = self._restarts.setdefault(ref, self.clock())
-            return self.wait_for_reboot(ref, r, restart_at, details)
+        if result.get("RebootRequired") or pending_now:
+            details["reboot"] = REBOOT_PENDING
+            text = f"updates installed on {r.host}; a reboot is pending"
+            return base.Job(ref, base.JobStatus.COMPLETED, 100, text, details)
         return base.Job(
             ref, base.JobStatus.COMPLETED, 100, f"{r.host} patched (no reboot needed)", details
         )
@@ -354,6 +405,17 @@ class WindowsUpdatePatcher(_NodePatcher):
             return base.Job(
                 ref, base.JobStatus.FAILED, 100, f"the update task on {r.host} is {state}"
             )
+        code = status.get("LastTaskResult")
+        if (
+            state == "Ready"
+            and code is not None
+            and int(code) not in (TASK_HAS_NOT_RUN, TASK_RUNNING)
+        ):
+            text = (
+                f"the update task on {r.host} ended without writing a result "
+                f"(LastTaskResult 0x{int(code) & 0xFFFFFFFF:08X})"
+            )
+            return base.Job(ref, base.JobStatus.FAILED, 100, text, {"host": r.host})
         return base.Job(
             ref, base.JobStatus.RUNNING, 30, f"installing updates on {r.host} ({state})"
         )

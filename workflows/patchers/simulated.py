@@ -28,6 +28,10 @@ class SimulatedPatcher:
     def poll(self, ref: str) -> base.Job:
         return self._cluster.job(ref)
 
+    def reboot(self, host: str) -> str:
+        """The simulated patch job reboots by itself; it never reports a pending reboot."""
+        return self._cluster.reboot_host(host, patch_seconds=0.0)
+
     def find(self, host: str) -> str | None:
         """Patch work on host to re-attach to: still running, or already done in this
         maintenance window (then it must not be done twice)."""
