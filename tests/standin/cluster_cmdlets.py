@@ -54,6 +54,7 @@ class ClusterCmdlets:
     def handlers(self) -> dict[str, dispatch.Handler]:
         return {
             "Get-Cluster": self.get_cluster,
+            "Get-CauRun": self.get_cau_run,
             "Get-ClusterNode": self.get_node,
             "Suspend-ClusterNode": self.suspend,
             "Resume-ClusterNode": self.resume,
@@ -74,6 +75,13 @@ class ClusterCmdlets:
         name = self._cluster_of(inv.ctx.computer)
         cluster_type = "Microsoft.FailoverClusters.PowerShell.Cluster"
         return [{"__type__": cluster_type, "Name": name, "Domain": DOMAIN}]
+
+    def get_cau_run(self, inv: dispatch.Invocation) -> list[Any]:
+        """`RunNotInProgress` when no Updating Run is in progress, else the run's status."""
+        del inv
+        if self.w.cau_run is None:
+            return ["RunNotInProgress"]
+        return [{"__type__": "Microsoft.ClusterAwareUpdating.CauRun", **self.w.cau_run}]
 
     def _second_hop(self, inv: dispatch.Invocation, computer: str) -> bool:
         """True (and an access-denied error written) when computer is not this session's."""

@@ -148,6 +148,9 @@ class World:
         self.s2d = False  # Storage Spaces Direct enabled
         self.storage_repair_polls = 0  # storage reads that still see a repair job running
         self.unhealthy_disks = ["CSV1"]  # while a repair runs
+        # Cluster-Aware Updating: None, or the run Get-CauRun reports (in progress, or the
+        # Locked state a failed run leaves until `Invoke-CauRun -ForceRecovery`)
+        self.cau_run: dict[str, Any] | None = None
         self._lock = threading.RLock()
 
     def call(self, fn: Callable[[], T], command: str) -> T:

@@ -285,7 +285,10 @@ class FailoverBackend:
         answers `RunNotInProgress` when there is neither (anything else names the run)."""
         del cluster  # the session's own cluster
         answer = self._cluster_run([psrp.Cmd("Get-CauRun", {"ErrorAction": "Stop"})])
-        text = "; ".join(str(a) for a in answer).strip()
+        text = "; ".join(
+            a if isinstance(a, str) else ", ".join(f"{k} {v}" for k, v in psrp.props(a).items())
+            for a in answer
+        ).strip()
         if not answer or "RunNotInProgress" in text:
             return []
         return [f"a Cluster-Aware Updating run is in progress or left the cluster locked: {text}"]
