@@ -41,7 +41,9 @@ def failover_cli(tmp_path: Path, db_url: str, rig: Rig) -> Cli:
 
 
 def test_a_cycle_over_vmm_patches_every_node_and_puts_every_vm_back(
-    tmp_path: Path, db_url: str, vmm_rig: Rig
+    tmp_path: Path,
+    db_url: str,
+    vmm_rig: Rig,  # noqa: F811
 ) -> None:
     cli = with_cycle(vmm_cli(tmp_path, db_url, vmm_rig))
     before = placement(vmm_rig.sim)
@@ -56,7 +58,9 @@ def test_a_cycle_over_vmm_patches_every_node_and_puts_every_vm_back(
 
 
 def test_a_vmm_job_running_on_the_cluster_refuses_the_cycle_naming_it(
-    tmp_path: Path, db_url: str, vmm_rig: Rig
+    tmp_path: Path,
+    db_url: str,
+    vmm_rig: Rig,  # noqa: F811
 ) -> None:
     cli = with_cycle(vmm_cli(tmp_path, db_url, vmm_rig))
     vmm_rig.sim.set_speed(0.001)  # someone else's migration, still running
@@ -73,7 +77,9 @@ def test_a_vmm_job_running_on_the_cluster_refuses_the_cycle_naming_it(
 
 
 def test_a_cycle_over_failover_clustering_patches_every_node(
-    tmp_path: Path, db_url: str, vmm_rig: Rig
+    tmp_path: Path,
+    db_url: str,
+    vmm_rig: Rig,  # noqa: F811
 ) -> None:
     cli = failover_cli(tmp_path, db_url, vmm_rig)
     before = placement(vmm_rig.sim)
@@ -87,7 +93,9 @@ def test_a_cycle_over_failover_clustering_patches_every_node(
 
 
 def test_a_cau_run_in_progress_refuses_the_cycle_naming_it(
-    tmp_path: Path, db_url: str, vmm_rig: Rig
+    tmp_path: Path,
+    db_url: str,
+    vmm_rig: Rig,  # noqa: F811
 ) -> None:
     cli = failover_cli(tmp_path, db_url, vmm_rig)
     vmm_rig.world.cau_run = {"RunId": "8d3c7f9e", "CurrentOrchestrator": "mgmt01"}

@@ -73,6 +73,7 @@ _CONVERT: dict[str, Callable[[Any, str], dict[str, Any]]] = {
     "retries_per_node": lambda v, w: {"retries_per_node": _count(v, w, minimum=0)},
     "soak": _seconds("soak_s"),
     "stop_after": _seconds("stop_after_s"),
+    "storage_timeout": _seconds("storage_timeout_s"),
     "windows": _windows,
     "health_check": lambda v, w: {"health_check": _text(v, w)},
     "pre_node_script": lambda v, w: {"pre_node_script": _text(v, w)},

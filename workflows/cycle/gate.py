@@ -62,6 +62,18 @@ def checks(inventory: Inventory, node: str, snapshot: planning.Plan) -> list[Che
             "; ".join(away) if away else f"all {count} VM(s) home in their power state",
         )
     )
+    troubled = [
+        f"{vm.name!r} ({vm.id}) on {vm.host}: {vm.problem}" for vm in inventory.vms if vm.problem
+    ]
+    out.append(
+        Check(
+            "cluster vms",
+            not troubled,
+            "; ".join(troubled)
+            if troubled
+            else "no VM of the cluster in a failed or critical state",
+        )
+    )
     down = [h.name for h in inventory.hosts if h.state is HostState.DOWN]
     out.append(
         Check(

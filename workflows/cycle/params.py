@@ -45,6 +45,7 @@ class CycleParams:
     poll_s: float = 5.0
     default_node_s: float = 3600.0
     order_by: str = Order.FEWEST_VMS.value
+    storage_timeout_s: float = 7200.0
 
     @property
     def policies(self) -> planning.Policies:

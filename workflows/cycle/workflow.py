@@ -178,6 +178,21 @@ class ClusterCycle:
             "at": ctx.now().isoformat(),
         }
 
+    def _storage(
+        self, ctx: StepContext, p: CycleParams, round_: int, index: int
+    ) -> Sleep | str | None:
+        """Before a wave: Storage Spaces Direct repair jobs finished and virtual disks healthy
+        (a durable wait, bounded by `cycle.storage_timeout`); a string when it never healed."""
+        health = self.backend.storage_health(p.cluster)
+        if not health.checked or not health.s2d or health.healthy:
+            return None
+        until = ctx.timer(f"storage:r{round_}:{index}", p.storage_timeout_s)
+        if ctx.now() >= until:
+            limit = show_duration(dt.timedelta(seconds=p.storage_timeout_s))
+            return f"storage did not heal within {limit}: {health.summary()}"
+        wake = min(until, ctx.now() + dt.timedelta(seconds=p.poll_s))
+        return Sleep(wake, f"waiting for storage before wave {index + 1}: {health.summary()}")
+
     def _script(self, p: CycleParams, node: str, path: str, phase: str) -> dict[str, Any]:
         return self.scripts.run(p.cluster, node, path, phase).to_json()
 
@@ -219,9 +234,6 @@ class ClusterCycle:
             return held
         inventory = self.backend.inventory(p.cluster)
         left = [n.node for n in nodes if n.status == view.FAILED and p.leaves_failed_nodes]
-        trouble = _cluster_trouble(inventory, left)
-        if trouble:
-            return self._halt(p, round_, nodes, "unexpected change to the cluster: " + trouble)
         wave = waves.next_wave(
             inventory,
             pending,
@@ -231,15 +243,15 @@ class ClusterCycle:
             away=left,
         )
         estimate = max(self.estimate(p, node) for node in wave.nodes)
-        closed = (
-            None
-            if index in ctx.published.get("go_now", [])
-            else (_window(ctx, p, wave, index, estimate))
+        blocked: Sleep | str | None = self._storage(ctx, p, round_, index) or _cluster_trouble(
+            inventory, left
         )
-        if isinstance(closed, str):
-            return self._halt(p, round_, nodes, closed)
-        if closed is not None:
-            return closed
+        if not blocked and index not in ctx.published.get("go_now", []):
+            blocked = _window(ctx, p, wave, index, estimate)
+        if isinstance(blocked, Sleep):
+            return blocked
+        if blocked:
+            return self._halt(p, round_, nodes, blocked)
         record = {**wave.to_json(), "estimate_s": estimate, "left": left}
         record["at"] = ctx.now().isoformat()
         chosen = ctx.remember(f"wave:r{round_}:{index}", lambda: record)
@@ -430,7 +442,7 @@ def _cluster_trouble(inventory: Inventory, left: Sequence[str]) -> str:
             problems.append(f"node {host.name} is down")
         elif host.maintenance:
             problems.append(f"node {host.name} is in maintenance (not by this cycle)")
-    return "; ".join(problems)
+    return ("unexpected change to the cluster: " + "; ".join(problems)) if problems else ""
 
 
 def summary(nodes: Sequence[view.NodeView]) -> dict[str, Any]:
