@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import yaml
 
 from engine import errors
 from engine.runner import RunnerSettings
@@ -90,6 +89,8 @@ def load(path: str | None) -> Settings:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise errors.ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    import yaml  # only when a file is read
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -4,6 +4,7 @@ input error, 3 stopped before the end (--until, waiting for a signal, interrupte
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -14,16 +15,36 @@ from typing import Any, NoReturn
 import click
 
 from engine import errors
-from workflows import settings
-from workflows.app import App
-from workflows.cli.common import EXIT_BUSY, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
+from workflows.cli.exits import EXIT_BUSY, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
 from workflows.cli.interrupts import StopNow
 
 log = logging.getLogger("nodepatch")
 
 
 class Cli(click.Group):
-    """Turns every error into one clear line and a documented exit code."""
+    """Turns every error into one clear line and a documented exit code, and loads each
+    command from `COMMANDS` only when it is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return self.commands.get(cmd_name)
+        module_name, _, attribute = COMMANDS[cmd_name][0].partition(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{COMMANDS[cmd_name][0]} is not a click command")
+        self.commands[cmd_name] = command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the table, without importing a single command."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = [(n, _listed(n, self.commands.get(n)).get_short_help_str(limit)) for n in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -55,6 +76,13 @@ class Cli(click.Group):
                 EXIT_FAILED,
                 exc if debug else None,
             )
+
+
+def _listed(name: str, loaded: click.Command | None) -> click.Command:
+    if name in COMMANDS:
+        return click.Command(name, help=COMMANDS[name][1])
+    assert loaded is not None
+    return loaded
 
 
 def _die(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
@@ -103,6 +131,9 @@ def main(
     debug: bool,
 ) -> None:
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
+    from workflows import settings
+    from workflows.app import App
+
     cfg = settings.load(config_path)
     _setup_logging(cfg.log_file, debug)
     url = database or cfg.database
@@ -139,23 +170,23 @@ def _file_handler(path: Path) -> logging.Handler:
         raise errors.ConfigError(f"log.file: cannot write {path}: {exc.strerror}") from exc
 
 
-from workflows.cli import demo, inspect, runs, sim, worker  # noqa: E402 - the commands
-
-for command in (
-    runs.plan_cmd,
-    runs.start_cmd,
-    runs.resume_cmd,
-    runs.signal_cmd,
-    runs.abort_cmd,
-    runs.release_cmd,
-    worker.worker_cmd,
-    inspect.status_cmd,
-    inspect.runs_cmd,
-    inspect.history_cmd,
-    inspect.audit_group,
-    inspect.doctor_cmd,
-    inspect.db_group,
-    sim.sim_group,
-    demo.demo_cmd,
-):
-    main.add_command(command)
+# The commands, loaded only when used: `nodepatch --help` imports none of them. Adding a command
+# is one line: its name, "module:attribute", and the start of its help as `--help` lists it
+# (tests/test_cli_fast.py checks that it is how the command's docstring begins).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("workflows.cli.runs:plan_cmd", "Show the per-VM plan for patching NODE."),
+    "start": ("workflows.cli.runs:start_cmd", "Start patching NODE of CLUSTER and drive..."),
+    "resume": ("workflows.cli.runs:resume_cmd", "Continue RUN where it stopped; a Failed run..."),
+    "signal": ("workflows.cli.runs:signal_cmd", "Send signal NAME (patched, abort) to RUN."),
+    "abort": ("workflows.cli.runs:abort_cmd", "Abort RUN with a durable compensation..."),
+    "release": ("workflows.cli.runs:release_cmd", "Give up on RUN when it cannot finish..."),
+    "worker": ("workflows.cli.worker:worker_cmd", "Claim due runs (started with --detach..."),
+    "status": ("workflows.cli.inspect:status_cmd", "Show RUN: state, who holds it, time per..."),
+    "runs": ("workflows.cli.inspect:runs_cmd", "List runs, newest first."),
+    "history": ("workflows.cli.inspect:history_cmd", "The audit trail of RUN: every transition..."),
+    "audit": ("workflows.cli.inspect:audit_group", "Check the audit trail."),
+    "doctor": ("workflows.cli.inspect:doctor_cmd", "Check the configured connection end to end..."),
+    "db": ("workflows.cli.inspect:db_group", "Database schema management."),
+    "sim": ("workflows.cli.sim:sim_group", "The simulated cluster (demo, dry runs, tests)."),
+    "demo": ("workflows.cli.demo:demo_cmd", "Patch one node of a fresh simulated cluster..."),
+}
