@@ -168,7 +168,7 @@ def _by(key: str, default: str, choices: str) -> Discriminator:
     `<value>` so that the error locations, which name the tag, can drop it."""
 
     def tag(value: Any) -> str:
-        found = value.get(key, default) if isinstance(value, dict) else default
+        found = value.get(key, default) if isinstance(value, dict) else getattr(value, key, default)
         return f"<{found}>"
 
     return Discriminator(

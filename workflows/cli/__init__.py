@@ -131,6 +131,8 @@ def main(
     debug: bool,
 ) -> None:
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
+    if ctx.invoked_subcommand in STANDALONE:
+        return
     from workflows import settings
     from workflows.app import App
 
@@ -189,4 +191,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("workflows.cli.inspect:db_group", "Database schema management."),
     "sim": ("workflows.cli.sim:sim_group", "The simulated cluster (demo, dry runs, tests)."),
     "demo": ("workflows.cli.demo:demo_cmd", "Patch one node of a fresh simulated cluster..."),
+    "config": ("workflows.cli.configure:config_group", "Check the configuration file, or..."),
 }
+STANDALONE = {"config"}  # commands that need no App (and so load no configuration first)
