@@ -8,7 +8,6 @@ import importlib
 import logging
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -92,15 +91,6 @@ def _die(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
     sys.exit(code)
 
 
-def _progress_sink(enabled: bool) -> Callable[[str], None]:
-    def sink(message: str) -> None:
-        log.info(message, extra={"action": "progress"})
-        if enabled:
-            click.echo(f"  {message}", err=True)
-
-    return sink
-
-
 @click.group(cls=Cli)
 @click.option(
     "--config",
@@ -133,7 +123,7 @@ def main(
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
     if ctx.invoked_subcommand in STANDALONE:
         return
-    from workflows import settings
+    from workflows import settings, terminal
     from workflows.app import App
 
     cfg = settings.load(config_path)
@@ -144,10 +134,11 @@ def main(
         url,
         sim_file,
         creates_database=url == settings.default_database(),
-        progress=_progress_sink(sys.stderr.isatty()),
+        progress=terminal.progress_sink(terminal.interactive(sys.stderr)),
     )
     ctx.obj = app
     ctx.call_on_close(app.close)
+    ctx.call_on_close(terminal.settle)
 
 
 def _setup_logging(path: str | None, debug: bool) -> None:

@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from workflows import plan as planning
-from workflows import render
+from workflows import render, terminal
 from workflows.app import App, shown_url
 from workflows.node_patch import DONE, Params, subject
 
@@ -89,12 +89,13 @@ def demo_cmd(ctx: click.Context, speed: float, keep: str | None) -> None:
     runner = app.runner()
     run = runner.create(subject("cluster1", node), params.to_json())
     click.echo(f"run {run.id}: patching {node}")
-    stop = runner.drive(run.id)
+    try:
+        stop = runner.drive(run.id)
+    finally:
+        terminal.settle()
     click.echo()
     click.echo(render.run_summary(stop.run))
-    table = render.vm_report(app.store.published(run.id))
-    if table:
-        click.echo(table)
+    terminal.echo(render.vm_report(app.store.published(run.id)))
     after = {vm["id"]: vm for vm in cluster.snapshot()["vms"]}
     same = all(
         after[i]["host"] == v["host"] and after[i]["state"] == v["state"] for i, v in before.items()

@@ -8,7 +8,7 @@ import click
 
 from engine import db
 from engine.model import utcnow
-from workflows import render
+from workflows import render, terminal
 from workflows.app import App
 from workflows.cli.common import (
     EXIT_DONE,
@@ -81,17 +81,15 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
     locks = app.store.locks(run.id)
     if locks:
         click.echo(f"holds: {', '.join(locks)}")
-    click.echo(render.durations_table(stays))
+    terminal.echo(render.durations_table(stays))
     patched = render.patch_line(published)
     if patched:
         click.echo(patched)
-    table = render.vm_report(published)
-    if table:
-        click.echo(table)
+    terminal.echo(render.vm_report(published))
     for line in render.warnings(published):
         click.echo(f"not put back: {line}")
     if journal:
-        click.echo(render.journal_table(journal))
+        terminal.echo(render.journal_table(journal))
 
 
 @click.command("runs")
@@ -110,7 +108,7 @@ def runs_cmd(
     if as_json:
         emit([render.run_json(r, {}) | {"published": None} for r in runs])
     else:
-        click.echo(render.runs_table(runs))
+        terminal.echo(render.runs_table(runs))
 
 
 @click.command("history")
@@ -133,9 +131,9 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
         )
     else:
         click.echo(render.run_summary(run))
-        click.echo(render.history_table(events))
+        terminal.echo(render.history_table(events))
         final = run.state in app.registry.get(run.workflow, run.workflow_version).final
-        click.echo(render.durations_table(render.durations(events, utcnow(), final)))
+        terminal.echo(render.durations_table(render.durations(events, utcnow(), final)))
         patched = render.patch_line(app.store.published(run.id))
         if patched:
             click.echo(patched)
