@@ -97,3 +97,42 @@ def test_each_table_entry_is_the_command_it_names(name: str) -> None:
     assert command.name == name
     listed = COMMANDS[name][1].removesuffix("...")
     assert " ".join((command.help or "").split()).startswith(listed)
+
+
+def completion(env: dict[str, str]) -> str:
+    """What the installed `nodepatch` script answers the shell (the completion variable is
+    named after the program)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NODEPATCH_")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("nodepatch"))],
+        env=environ | env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish", "powershell"])
+def test_completion_scripts_for_every_documented_shell(shell: str) -> None:
+    """README's completion lines work: click writes the script for each shell."""
+    script = completion({"_NODEPATCH_COMPLETE": f"{shell}_source"})
+    assert "_NODEPATCH_COMPLETE" in script
+
+
+def test_completion_sees_the_lazily_loaded_commands_and_their_choices() -> None:
+    """Completing through the lazy group finds commands, their options and their choices."""
+    words = completion(
+        {"_NODEPATCH_COMPLETE": "bash_complete", "COMP_WORDS": "nodepatch st", "COMP_CWORD": "1"}
+    )
+    assert words.split() == ["plain,start", "plain,status"]
+    states = completion(
+        {
+            "_NODEPATCH_COMPLETE": "bash_complete",
+            "COMP_WORDS": "nodepatch runs --state ",
+            "COMP_CWORD": "3",
+        }
+    )
+    assert "plain,Draining" in states.split()
