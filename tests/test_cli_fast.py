@@ -18,8 +18,16 @@ from workflows.cli import COMMANDS
 # Never imported by `nodepatch --help`: each is a start-up cost some command does not need.
 HEAVY = ("alembic", "pypsrp", "pydantic", "rich", "sqlalchemy", "yaml", "transitions", "psycopg")
 # Never imported by `status --json` on an up-to-date SQLite database without a config file.
-# (SQLAlchemy's PostgreSQL dialect is: engine/schema.py's partial indexes name it.)
-NOT_FOR_STATUS = ("alembic", "pypsrp", "pydantic", "rich", "yaml", "psycopg", "transitions")
+NOT_FOR_STATUS = (
+    "alembic",
+    "pypsrp",
+    "pydantic",
+    "rich",
+    "yaml",
+    "psycopg",
+    "transitions",
+    "sqlalchemy.dialects.postgresql",
+)
 
 
 def imported(*args: str, env: dict[str, str] | None = None) -> tuple[set[str], str]:
