@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## make demo: a full patch cycle of one node on a fresh simulated cluster, SQLite by default
+## make demo: a whole simulated cluster patched as one cycle (a report at the end), SQLite by default
 demo: install
 	$(BIN)/nodepatch demo
 
@@ -41,3 +41,8 @@ mutate: install
 
 clean:
 	rm -rf $(VENV) .mutation .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## make browser: Debian's chromium for the report's browser test (root; CI does it in .ci/run)
+.PHONY: browser
+browser:
+	bash .ci/install-chromium

@@ -5,7 +5,9 @@ chain at a place this module names. The chain itself (what an event's hash cover
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from engine import chain
 from engine.model import Event
@@ -15,7 +17,8 @@ from engine.store import Store
 @dataclass(frozen=True)
 class Finding:
     """One problem in a run's trail: `kind` is edited, deleted or re-ordered; `event_id` is
-    where it shows (for deleted events at the end, the last event that remains)."""
+    where it shows (for deleted events at the end, the last event that remains). An event whose
+    stored JSON no longer parses is `edited`, saying so."""
 
     run_id: str
     event_id: int | None
@@ -25,12 +28,17 @@ class Finding:
 
 def verify(store: Store, run_id: str) -> list[Finding]:
     run = store.get(run_id)
-    events = store.events(run_id)
-    findings = [
-        Finding(run_id, e.id, "edited", "its content does not match its hash: edited")
-        for e in events
-        if chain.event_hash(e.prev_hash, chain.hashed_fields(e.__dict__)) != e.hash
-    ]
+    events: list[Event] = []
+    findings: list[Finding] = []
+    for row in store.stored_events(run_id):
+        event, garbled = _parsed(row)
+        events.append(event)
+        if garbled:
+            findings.append(Finding(run_id, event.id, "edited", garbled))
+        elif chain.event_hash(event.prev_hash, chain.hashed_fields(event.__dict__)) != event.hash:
+            findings.append(
+                Finding(run_id, event.id, "edited", "its content does not match its hash: edited")
+            )
     ordered, gaps = _chain_order(events)
     findings += [
         Finding(run_id, e.id, "deleted", "the event before it is missing: deleted") for e in gaps
@@ -51,6 +59,16 @@ def verify(store: Store, run_id: str) -> list[Finding]:
             )
         )
     return sorted(findings, key=lambda f: (f.event_id is None, f.event_id or 0, f.kind))
+
+
+def _parsed(row: dict[str, Any]) -> tuple[Event, str | None]:
+    """The event of a stored row, and why its details cannot be read (None when they can)."""
+    try:
+        details = json.loads(row["details"])
+    except json.JSONDecodeError as exc:
+        reason = f"its details are not valid JSON ({exc.msg} at character {exc.pos}): edited"
+        return Event.from_row({**row, "details": {}}), reason
+    return Event.from_row({**row, "details": details}), None
 
 
 def _chain_order(events: list[Event]) -> tuple[list[Event], list[Event]]:

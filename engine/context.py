@@ -125,6 +125,7 @@ class StepContext:
             return dt.datetime.fromisoformat(str(entry.result["until"]))
         until = self.now() + dt.timedelta(seconds=seconds)
         self._journal(key, 1, "succeeded", result={"until": until.isoformat()})
+        crashpoints.hit(f"after_timer:{name}")
         return until
 
     # ---- child runs ----------------------------------------------------------------------
@@ -165,6 +166,69 @@ class StepContext:
 
     def child(self, run_id: str) -> Run:
         return self._store.get(run_id)
+
+    def children(self) -> list[Run]:
+        """Every child run of this run, oldest first."""
+        return self._store.children(self.run.id)
+
+    def published_of(self, run_id: str) -> dict[str, Any]:
+        """What another run (a child) has published."""
+        return self._store.published(run_id)
+
+    def pending_signals_of(self, child: Run) -> list[str]:
+        return self._store.pending_signals(child.id)
+
+    def signal_child(self, child: Run, name: str) -> bool:
+        """Send signal `name` (e.g. `abort`) to a child run; False if it is already pending."""
+        if child.parent_run_id != self.run.id:
+            raise errors.UsageError(f"run {child.id} is not a child of run {self.run.id}")
+        self.guard.check()
+        return self._store.send_signal(child.id, name, {}, self.guard.lease.owner)
+
+    def retry_child(self, child: Run) -> bool:
+        """Send a failed child back into the step it failed in, so that whoever drives it (a
+        worker, or the CLI driving the family) runs that step again. False if the child is not
+        failed (any more): retrying is idempotent against the child's own state."""
+        if child.parent_run_id != self.run.id:
+            raise errors.UsageError(f"run {child.id} is not a child of run {self.run.id}")
+        self.guard.check()
+        owner = self.guard.lease.owner
+        lease = self._store.claim(child.id, owner, dt.timedelta(seconds=60))
+        try:
+            now = self._store.get(child.id)
+            if now.failed_from is None or now.finished_at is not None:
+                return False
+            self._store.transition(
+                lease,
+                from_state=now.state,
+                version=now.version,
+                trigger=f"retry:{now.failed_from}",
+                to_state=now.failed_from,
+                details={"by": owner, "for_parent": self.run.id},
+            )
+            return True
+        finally:
+            self._store.release(lease)
+
+    def remember(self, name: str, compute: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+        """A durable fact of this entry into the state (a health gate's result, a script's
+        output): computed once and journaled, then read back, never computed again, when the
+        step runs again after a wake-up, a crash or a takeover."""
+        found = self.recalled(name)
+        if found is not None:
+            return found
+        result = dict(compute())
+        crashpoints.hit(f"before_fact:{name}")
+        self._journal(self.key(name), 1, "succeeded", result=result)
+        crashpoints.hit(f"after_fact:{name}")
+        return result
+
+    def recalled(self, name: str) -> dict[str, Any] | None:
+        """A fact `remember` journaled in this entry into the state, if any."""
+        entry = self._store.journal(self.run.id, self.key(name))
+        if entry is None or entry.status != "succeeded" or entry.result is None:
+            return None
+        return dict(entry.result)
 
     def key(self, name: str) -> str:
         """Journal keys are scoped to this entry into the state (its run version)."""

@@ -2,7 +2,8 @@
 
 `hit(name)` exits the process at once (os._exit, no cleanup, no commit) when the environment
 variable NODEPATCH_CRASH_AT equals name (its first passing in this process) or `name#N` (its
-N-th passing), simulating a power cut or SIGKILL at that instant. Every point passed is recorded
+N-th passing), or `prefix*` (the first point whose name starts with prefix), simulating a
+power cut or SIGKILL at that instant. Every point passed is recorded
 when NODEPATCH_CRASH_TRACE names a file, so tests can list the points a run goes through.
 """
 
@@ -21,5 +22,6 @@ def hit(name: str) -> None:
     if trace:
         with open(trace, "a", encoding="utf-8") as fh:  # noqa: PTH123 - hot and tiny
             fh.write(name + "\n")
-    if os.environ.get("NODEPATCH_CRASH_AT") in (name, f"{name}#{count}"):
+    at = os.environ.get("NODEPATCH_CRASH_AT")
+    if at and (at in (name, f"{name}#{count}") or (at[-1] == "*" and name.startswith(at[:-1]))):
         os._exit(CRASH_EXIT_CODE)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine import errors
+from engine import errors, logcontext
 from engine.context import ProgressSink, StepContext
 from engine.model import Lease, Run, utcnow
 from engine.store import Store
@@ -187,7 +187,10 @@ class Runner:
                 run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
             )
         try:
-            with Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat:
+            with (
+                logcontext.bound(run_id=run.id, workflow=run.workflow, state=run.state),
+                Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat,
+            ):
                 return self._loop(lease, beat, until, retry)
         finally:
             self.store.release(lease)
@@ -211,6 +214,7 @@ class Runner:
         while True:
             beat.check()
             run, signals, published = self.store.load(lease.run_id)
+            logcontext.update(state=run.state)
             if self.machine.is_final(run.state):
                 return Stop(run, "final")
             if self.stop_requested.is_set():

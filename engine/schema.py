@@ -137,3 +137,35 @@ run_signal = sa.Table(
     sa.Column("consumed_run_version", sa.Integer),
     sa.Index("ix_run_signal_run_id_name", "run_id", "name"),
 )
+
+# ---- the outbox (migration 0005_webhooks) ---------------------------------------------------
+# A consumer reads the append-only run_event log after its cursor and records one delivery per
+# (target, event) it routes there; deliveries are retried with backoff and parked after too
+# many failures. Generic: the engine knows nothing of HTTP (workflows/webhooks.py sends).
+
+outbox_cursor = sa.Table(
+    "outbox_cursor",
+    metadata,
+    sa.Column("consumer", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+outbox_delivery = sa.Table(
+    "outbox_delivery",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("consumer", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(128), nullable=False),
+    sa.Column("event_id", sa.BigInteger, sa.ForeignKey("run_event.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TS, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("delivered_at", TS),
+    sa.CheckConstraint("status IN ('pending', 'delivered', 'parked')", name="status"),
+    sa.Index("uq_outbox_delivery_target_event", "consumer", "target", "event_id", unique=True),
+    sa.Index("ix_outbox_delivery_due", "status", "next_attempt_at"),
+)

@@ -211,6 +211,20 @@ class Store:
             return [Event.from_row(r) for r in rows]
 
     @retried
+    def stored_events(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events as stored, `details` as its raw text, for the verifier: a row
+        whose JSON was garbled in SQL must be reported, not stop the check."""
+        raw = sa.cast(t.run_event.c.details, sa.Text).label("details")
+        columns = [c for c in t.run_event.c if c.name != "details"]
+        with self._tx(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(*columns, raw)
+                .where(t.run_event.c.run_id == run_id)
+                .order_by(t.run_event.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    @retried
     def published(self, run_id: str) -> dict[str, Any]:
         with self._tx(read_only=True) as conn:
             return self._published(conn, run_id)

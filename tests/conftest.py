@@ -31,6 +31,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("NODEPATCH_") and name not in (
             "NODEPATCH_TEST_POSTGRES_URL",
             "NODEPATCH_REQUIRE_POSTGRES",
+            "NODEPATCH_REQUIRE_BROWSER",
         ):
             monkeypatch.delenv(name)
 

@@ -103,3 +103,40 @@ def test_verify_finds_nothing_on_a_fresh_run(engine: sa.Engine) -> None:
         actor="t@h:1",
     )
     assert audit.verify(store, run.id) == []
+
+
+GARBLE = {
+    # SQLite keeps whatever text it is given; PostgreSQL's json type refuses text that does not
+    # parse, so there the attacker garbles it into a JSON document of the wrong shape.
+    "sqlite": 'UPDATE run_event SET details = \'{"params": {"cluster": \' WHERE id = :a',
+    "postgresql": "UPDATE run_event SET details = '\"{garbled\"' WHERE id = :a",
+}
+
+
+def test_verify_reports_an_event_with_garbled_json_and_checks_the_rest(
+    finished: tuple[Cli, str],
+) -> None:
+    """An event row whose JSON was garbled in SQL is reported as tampered (its ID, why), the
+    exit code is 1, and the other events and runs are still checked: a second edit after it
+    is found too."""
+    cli, run_id = finished
+    engine = sa.create_engine(cli.db_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        _unprotect(conn)
+        ids = _ids(conn, run_id)
+        conn.execute(sa.text(GARBLE[conn.dialect.name]), {"a": ids[0]})
+        conn.execute(
+            sa.text("UPDATE run_event SET actor = 'someone-else' WHERE id = :b"), {"b": ids[4]}
+        )
+    engine.dispose()
+    result = cli("audit", "verify", "--json")
+    assert result.code == 1, result.err
+    found = [(f["event_id"], f["kind"]) for f in result.json()["findings"]]
+    assert found == [(ids[0], "edited"), (ids[4], "edited")]
+    text = cli("audit", "verify", run_id)
+    assert text.code == 1
+    assert "internal error" not in text.err
+    assert f"run {run_id}, event {ids[0]}: " in text.out
+    if cli.db_url.startswith("sqlite"):
+        assert f"event {ids[0]}: its details are not valid JSON" in text.out, text.out
+    assert f"run {run_id}, event {ids[4]}: its content does not match its hash" in text.out

@@ -400,5 +400,5 @@ def test_the_demo_keeps_off_the_configured_database_and_prints_runnable_commands
         check=False,
     )
     assert history.returncode == 0, history.stderr
-    assert "Rebalancing -> Done" in history.stdout
+    assert "Rolling -> Done" in history.stdout
     assert (tmp_path / ".nodepatch-demo" / "nodepatch.db").is_file()

@@ -134,9 +134,21 @@ def test_full_cycle_with_a_crash_in_draining_reattaches_to_the_vmm_job(
 def test_the_password_is_in_neither_the_database_nor_the_log(
     tmp_path: Path, db_url: str, vmm_rig: Rig
 ) -> None:
-    """After a full run over VMM, no table row and no log line holds the password."""
+    """After a full run over VMM, no table row and no log line holds the password, even with
+    debug logging in JSON (every line an object naming its run, workflow, state and action)."""
     cli = vmm_cli(tmp_path, db_url, vmm_rig)
-    result = run(cli, "start", "--cluster", "cluster1", "--node", "hv02", "--json")
+    result = run(
+        cli,
+        "--debug",
+        "--log-format",
+        "json",
+        "start",
+        "--cluster",
+        "cluster1",
+        "--node",
+        "hv02",
+        "--json",
+    )
     assert result.code == 0, result.err
     assert PASSWORD not in result.out and PASSWORD not in result.err
     engine = db.connect(db_url)
@@ -148,6 +160,13 @@ def test_the_password_is_in_neither_the_database_nor_the_log(
     log = (tmp_path / "nodepatch.log").read_text(encoding="utf-8")
     assert "Draining -> Patching" in log
     assert PASSWORD not in log
+    lines = [json.loads(line) for line in log.splitlines()]
+    assert all({"run_id", "workflow", "state", "action"} <= line.keys() for line in lines)
+    run_id = json.loads(result.out)["run_id"]
+    assert any(
+        (line["run_id"], line["workflow"], line["state"]) == (run_id, "node_patch", "Draining")
+        for line in lines
+    )
 
 
 def test_doctor_reports_success_and_plain_causes(tmp_path: Path, db_url: str, vmm_rig: Rig) -> None:

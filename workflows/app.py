@@ -18,6 +18,7 @@ from engine.model import Run
 from engine.registry import Registry
 from engine.store import Store
 from workflows.backends.base import ClusterBackend
+from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import NODE_PATCH, NodePatch
 from workflows.patchers.base import Patcher
 from workflows.settings import Settings
@@ -145,7 +146,33 @@ class App:
         registry = Registry()
         backend = cast(ClusterBackend, _Deferred(self))
         registry.add(NODE_PATCH, 1, lambda: NodePatch(backend, self.patcher).workflow())
+        registry.add(CLUSTER_CYCLE, 1, lambda: self._cycle(backend).workflow())
         return registry
+
+    def _cycle(self, backend: ClusterBackend) -> Any:
+        from workflows.cycle.workflow import ClusterCycle
+
+        return ClusterCycle(backend, self.node_scripts(), self.node_durations)
+
+    def node_scripts(self) -> Any:
+        """How pre- and post-node scripts reach a node: here for the simulator, else over the
+        remoting the patchers use."""
+        from workflows.cycle import scripts
+
+        if self.sim_file or self.settings.backend == "simulated":
+            return scripts.LocalScripts()
+        return scripts.RemoteScripts(self.patcher("reboot", ""))
+
+    def node_durations(self, cluster: str, node: str | None) -> list[float]:
+        """How long past Done node runs of a node (or of any node of the cluster) took, newest
+        first (the last 20), for a cycle's estimates."""
+        prefix = f"{cluster}/{node}" if node else f"{cluster}/"
+        runs = self.store.runs(workflow=NODE_PATCH, subject_prefix=prefix, state="Done", limit=20)
+        return [
+            (r.finished_at - r.created_at).total_seconds()
+            for r in runs
+            if r.finished_at is not None and (node is None or r.subject == prefix)
+        ]
 
     def runner(self, name: str = NODE_PATCH, version: int = 1) -> Runner:
         """A runner for new runs of workflow `name`."""

@@ -281,11 +281,57 @@ class NodePatchTimeouts(Model):
     Rebalancing: Seconds = 4 * 3600.0
 
 
+class ClusterCycleTimeouts(Model):
+    """Seconds each cluster-cycle step may take (unset: the engine's default)."""
+
+    unknown: ClassVar[str] = "unknown state"
+    Preflight: Seconds | None = None
+    Rolling: Seconds | None = None
+    Aborting: Seconds | None = None
+
+
 class Timeouts(NodePatchTimeouts):
     """Per workflow (`timeouts_s.node_patch.Draining`); node_patch's states also flat."""
 
     unknown: ClassVar[str] = "unknown key"
     node_patch: NodePatchTimeouts | None = None
+    cluster_cycle: ClusterCycleTimeouts | None = None
+
+
+class Webhook(Model):
+    """One receiver of run events (workflows/webhooks.py): `url` or `url_env` (a Slack or
+    Teams URL is itself a secret); the signing secret from `secret_env` or `secret_file`."""
+
+    name: str | None = Field(default=None, min_length=1)
+    url: str | None = None
+    url_env: str | None = Field(default=None, min_length=1)
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    secret_env: str | None = Field(default=None, min_length=1)
+    secret_file: FilePath | None = None
+    timeout_s: Seconds = 10.0
+    max_attempts: Count = 10
+    backoff_s: Seconds = 5.0
+    backoff_max_s: Seconds = 900.0
+    format: Literal["json", "slack", "teams"] = "json"
+
+    @model_validator(mode="after")
+    def _rules(self) -> Webhook:
+        from workflows import webhooks
+
+        if (self.url is None) == (self.url_env is None):
+            raise _refuse("", "give exactly one of url, url_env")
+        if self.secret_env and self.secret_file:
+            raise _refuse("", "give at most one of secret_env, secret_file")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise _refuse("url", "must start with http:// or https://")
+        for i, pattern in enumerate(self.events):
+            if not webhooks.matches_any(pattern):
+                raise _refuse(
+                    f"events[{i}]",
+                    f"{pattern!r} names no event (known: {', '.join(webhooks.EVENT_NAMES)}; "
+                    "* matches any part)",
+                )
+        return self
 
 
 class Retries(Model):
@@ -311,6 +357,10 @@ class Config(Model):
     timeouts_s: Timeouts = Timeouts()
     retries: Retries = Retries()
     log: Log = Log()
+    cycle: dict[str, Any] | None = Field(
+        default=None, description="`nodepatch cycle` defaults (workflows/cycle/config.py)"
+    )
+    webhooks: list[Webhook] = Field(default_factory=list)
 
 
 def validate(data: Any, model: type[Model] = Config, where: str = "") -> Any:
@@ -345,12 +395,13 @@ def describe(error: Any, where: str = "") -> str:
     loc = [str(p) for p in error["loc"] if not re.fullmatch(r"<.*>", str(p))]
     ctx = error.get("ctx") or {}
     kind, given = error["type"], error.get("input")
-    if kind in ("unknown_key", "refused"):
+    if kind in ("unknown_key", "refused") and ctx["key"]:
         loc.append(str(ctx["key"]))
     elif kind == "bad_kind":
         loc.append(str(ctx["key"]))
         given = given.get(ctx["key"]) if isinstance(given, dict) else given
-    path = ".".join([where, *loc] if where else loc) or "configuration"
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join([where, *loc] if where else loc))
+    path = path.replace(".[", "[") or "configuration"
     return f"{path}: {_problem(kind, ctx, error['msg'], given, loc)}"
 
 

@@ -7,7 +7,7 @@ running it again (after a crash, a retry or an abort) does only what is still mi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine import errors
@@ -79,6 +79,18 @@ class Params:
     policies: planning.Policies
     patcher: str
     concurrency: int
+    # In a cluster cycle: the other nodes out at the same time (its wave, nodes left out after
+    # a failure), and the cycle's placement of this node's VMs. Then every VM that moves is
+    # moved by the run itself, to its planned target, before the drain (maintenance mode's own
+    # placement could pick a node of the wave).
+    away: tuple[str, ...] = ()
+    targets: Mapping[str, str] = field(default_factory=dict)
+
+    def moves_first(self, action: planning.Action) -> bool:
+        """Whether the run moves a VM with this action itself, before entering maintenance."""
+        return action.moves_before_drain or (
+            bool(self.away) and action is planning.Action.LIVE_MIGRATE
+        )
 
     @classmethod
     def from_run(cls, run: Run) -> Params:
@@ -91,10 +103,12 @@ class Params:
             ),
             patcher=p["patcher"],
             concurrency=int(p["concurrency"]),
+            away=tuple(p.get("away", ())),
+            targets=dict(p.get("targets", {})),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "cluster": self.cluster,
             "node": self.node,
             "non_ha": str(self.policies.non_ha),
@@ -102,6 +116,11 @@ class Params:
             "patcher": self.patcher,
             "concurrency": self.concurrency,
         }
+        if self.away:
+            out["away"] = list(self.away)
+        if self.targets:
+            out["targets"] = dict(self.targets)
+        return out
 
 
 class NodePatch:
@@ -144,6 +163,8 @@ class NodePatch:
             p.node,
             p.policies,
             lock_holder=holder,
+            away=p.away,
+            targets=p.targets,
         )
         snapshot = result.to_json()
         ctx.progress(f"preflight: {len(result.vms)} VM(s) on {result.node}")
@@ -193,17 +214,17 @@ class NodePatch:
         for planned in snapshot.vms:
             vm = inventory.vm(planned.id)
             action = planning.Action(planned.action)
-            if vm is None or not (action in power or action.moves_before_drain):
+            if vm is None or not (action in power or p.moves_first(action)):
                 continue
-            kind = "move_vm" if action.moves_before_drain else f"{action}_vm"
+            kind = "move_vm" if p.moves_first(action) else f"{action}_vm"
             if ctx.in_flight(f"{kind}:{vm.id}"):  # re-attach, whatever the VM looks like now
                 specs.append(self._reattach_spec(kind, vm.id, planned.name))
             elif vm.host.lower() != p.node.lower():
                 continue
             elif action in power and vm.state is PowerState.RUNNING:
                 specs.append(self._spec(kind, vm.id, power[action], planned.name))
-            elif action.moves_before_drain:
-                target = _target(inventory, p.node, planned)
+            elif p.moves_first(action):
+                target = _target(inventory, p.node, planned, p.away)
                 specs.append(self._move_spec(vm.id, target, planned.name))
         self._all_ok(ctx, specs, p.concurrency, "before the drain")
 
@@ -231,7 +252,9 @@ class NodePatch:
                 vm.memory_mb,
                 str(planning.Action.LIVE_MIGRATE),
             )
-            specs.append(self._move_spec(vm.id, _target(inventory, p.node, planned), vm.name))
+            specs.append(
+                self._move_spec(vm.id, _target(inventory, p.node, planned, p.away), vm.name)
+            )
         outcomes = ctx.run_jobs(specs, poll=self.backend.job, concurrency=1)
         failed = [o.message for o in outcomes.values() if not o.ok]
         if failed:
@@ -473,15 +496,20 @@ def _vm_of(spec: JobSpec) -> str:
     return spec.name.split(":", 1)[1]
 
 
-def _target(inventory: Inventory, node: str, planned: planning.PlannedVm) -> str:
-    """Where to move a VM now: its planned target if it still fits, else the best fit."""
+def _target(
+    inventory: Inventory, node: str, planned: planning.PlannedVm, away: tuple[str, ...] = ()
+) -> str:
+    """Where to move a VM now: its planned target if it still fits, else the best fit (never a
+    node of the same wave)."""
     vm = inventory.vm(planned.id)
     if vm is None:
         raise errors.StepFailed(f"VM {planned.name!r} ({planned.id}) disappeared")
     action = planning.Action(planned.action)
     if planned.target and planning.fits(inventory, planned.target, vm, action):
         return planned.target  # the plan's target, while it still has room
-    targets, problems = planning.place(inventory, node, [(vm, planning.Action(planned.action))])
+    targets, problems = planning.place(
+        inventory, node, [(vm, planning.Action(planned.action))], away=away
+    )
     if problems:
         raise errors.StepFailed("; ".join(problems))
     return targets[vm.id]

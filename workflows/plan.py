@@ -8,7 +8,7 @@ Rules from the field (the original write-up): running non-HA VMs are saved by ma
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +40,10 @@ class Action(enum.StrEnum):
     @property
     def moves_before_drain(self) -> bool:
         return self in (Action.MIGRATE, Action.EVACUATE)
+
+    @property
+    def moves(self) -> bool:
+        return self in (Action.LIVE_MIGRATE, Action.MIGRATE, Action.EVACUATE)
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,19 @@ def classify(vm: Vm, policies: Policies) -> Action:
 
 
 def make_plan(
-    inventory: Inventory, node: str, policies: Policies, *, lock_holder: str | None = None
+    inventory: Inventory,
+    node: str,
+    policies: Policies,
+    *,
+    lock_holder: str | None = None,
+    away: Collection[str] = (),
+    targets: Mapping[str, str] | None = None,
 ) -> Plan:
-    """The per-VM plan for draining node, and every reason not to start now."""
+    """The per-VM plan for draining node, and every reason not to start now.
+
+    In a cluster cycle, `away` names the other nodes of the node's wave (out at the same time:
+    their maintenance is expected, and nothing is placed on them) and `targets` the placement
+    the cycle computed for the whole wave, used for the VMs it names."""
     host = inventory.host(node)
     if host is None:
         known = ", ".join(h.name for h in inventory.hosts)
@@ -128,7 +142,8 @@ def make_plan(
             f"cluster {inventory.cluster} is held by nodepatch run {lock_holder}: wait for it "
             f"to end, or `nodepatch abort {lock_holder}`"
         )
-    problems += _cluster_problems(inventory, host.name)
+    away = {a.lower() for a in away}
+    problems += _cluster_problems(inventory, host.name, away)
     planned = [(vm, classify(vm, policies)) for vm in inventory.vms_on(host.name)]
     blocked = [vm for vm, action in planned if action is Action.BLOCKED]
     if blocked:
@@ -137,7 +152,10 @@ def make_plan(
             + ", ".join(_label(vm) for vm in blocked)
             + "; say what to do with them: --non-ha save|shutdown|migrate"
         )
-    targets, capacity = place(inventory, host.name, [(vm, a) for vm, a in planned])
+    given = dict(targets or {})
+    own = [(vm, a) for vm, a in planned if vm.id not in given]
+    placed, capacity = place(inventory, host.name, own, away=away)
+    placed.update(given)
     problems += capacity
     vms = tuple(
         PlannedVm(
@@ -148,16 +166,18 @@ def make_plan(
             vm.host,
             vm.memory_mb,
             str(action),
-            targets.get(vm.id),
+            placed.get(vm.id) if action.moves else None,
         )
         for vm, action in planned
     )
     return Plan(inventory.cluster, host.name, vms, tuple(problems))
 
 
-def _cluster_problems(inventory: Inventory, node: str) -> list[str]:
+def _cluster_problems(inventory: Inventory, node: str, away: Collection[str] = ()) -> list[str]:
     problems = []
     for other in inventory.hosts:
+        if other.name.lower() in away and other.state is not HostState.DOWN:
+            continue  # out with this node in the same wave: expected
         if other.state is not HostState.UP:
             problems.append(f"node {other.name} is {other.state.value.lower()}")
         elif other.maintenance and other.name != node:
@@ -168,14 +188,22 @@ def _cluster_problems(inventory: Inventory, node: str) -> list[str]:
 
 
 def place(
-    inventory: Inventory, node: str, planned: Iterable[tuple[Vm, Action]]
+    inventory: Inventory,
+    node: str | Collection[str],
+    planned: Iterable[tuple[Vm, Action]],
+    *,
+    away: Collection[str] = (),
+    headroom: float = 0.0,
 ) -> tuple[dict[str, str], list[str]]:
-    """Greedy placement of the node's VMs on the other nodes, largest first, each on the node
-    with the most free memory. Returns the targets and the VMs that fit nowhere."""
+    """Greedy placement of the VMs of `node` (or of several nodes going out together) on the
+    other nodes, largest first, each on the node with the most free memory, keeping `headroom`
+    (a fraction of each node's memory) free. Returns the targets and the VMs that fit nowhere."""
+    out = {node.lower()} if isinstance(node, str) else {n.lower() for n in node}
+    out |= {a.lower() for a in away}
     free = {
-        h.name: inventory.free_memory_mb(h.name)
+        h.name: inventory.free_memory_mb(h.name) - int(h.memory_mb * headroom)
         for h in inventory.hosts
-        if h.name != node and h.state is HostState.UP and not h.maintenance
+        if h.name.lower() not in out and h.state is HostState.UP and not h.maintenance
     }
     targets: dict[str, str] = {}
     problems: list[str] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,8 @@ class Settings:
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
+    cycle: Mapping[str, Any] = field(default_factory=dict)  # CycleParams field defaults
+    webhooks: tuple[Webhook, ...] = ()
     model: config.Config | None = field(default=None, repr=False, compare=False)
     """The validated configuration file (None: no file, every default)."""
 
@@ -96,6 +98,8 @@ _PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("backend", "simulated", "file"),
     ("log", "file"),
     ("patcher", "script", "script_path"),
+    ("cycle", "pre_node_script"),
+    ("cycle", "post_node_script"),
     *(("backend", b, k) for b in CONNECTED_BACKENDS for k in ("password_file", "ca_bundle")),
     *(
         ("patcher", p, "connection", k)
@@ -142,6 +146,7 @@ def defaults() -> Settings:
 def from_mapping(data: Mapping[str, Any]) -> Settings:
     """Settings from a configuration document, validated by `workflows.config.Config`."""
     from workflows import config
+    from workflows.cycle import config as cycle_config
 
     model: config.Config = config.validate(dict(data))
     backend, patcher = model.backend, model.patcher
@@ -166,13 +171,26 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         patcher=patcher.kind,
         patcher_options=raw_patcher.get(patcher.kind, {}) if patcher.kind != "auto" else {},
         runner=runner,
-        timeouts_s={NODE_PATCH: timeouts} if timeouts else {},
+        timeouts_s=_per_workflow(model.timeouts_s, timeouts),
         log_file=model.log.file,
+        cycle=cycle_config.defaults(model.cycle),
+        webhooks=_webhooks(model.webhooks),
         model=model,
     )
 
 
-STEPPED = {NODE_PATCH: STATES[:5]}  # the states with a step, by workflow
+def _per_workflow(model: config.Timeouts, node_patch: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {NODE_PATCH: node_patch} if node_patch else {}
+    cycle = model.cluster_cycle
+    if cycle is not None and cycle.model_fields_set:
+        out["cluster_cycle"] = {state: getattr(cycle, state) for state in cycle.model_fields_set}
+    return out
+
+
+STEPPED = {  # the states with a step, by workflow
+    NODE_PATCH: STATES[:5],
+    "cluster_cycle": ("Preflight", "Rolling", "Aborting"),
+}
 
 
 def _timeouts(model: config.Timeouts) -> dict[str, float]:
@@ -193,3 +211,52 @@ DEFAULT_TIMEOUTS = {
     "Enabling": 3600.0,
     "Rebalancing": 4 * 3600.0,
 }
+
+
+# ---- webhooks ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver of run events (workflows/webhooks.py). `url` or `url_env` (a Slack or
+    Teams URL is itself a secret); the signing secret from `secret_env` or `secret_file`,
+    read when deliveries are sent, never stored."""
+
+    name: str
+    url: str | None
+    url_env: str | None
+    events: tuple[str, ...]
+    secret_env: str | None
+    secret_file: str | None
+    timeout_s: float
+    max_attempts: int
+    backoff_s: float
+    backoff_max_s: float
+    format: str
+
+
+def _webhooks(found: Sequence[config.Webhook]) -> tuple[Webhook, ...]:
+    """The validated `webhooks:` list (workflows.config.Webhook), each with its name."""
+    from workflows import webhooks
+
+    hooks = tuple(
+        Webhook(
+            name=w.name or webhooks.default_name(w.url, w.url_env),
+            url=w.url,
+            url_env=w.url_env,
+            events=tuple(w.events),
+            secret_env=w.secret_env,
+            secret_file=w.secret_file,
+            timeout_s=w.timeout_s,
+            max_attempts=w.max_attempts,
+            backoff_s=w.backoff_s,
+            backoff_max_s=w.backoff_max_s,
+            format=w.format,
+        )
+        for w in found
+    )
+    names = [w.name for w in hooks]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise errors.ConfigError(f"webhooks[{i}].name: {name!r} is used twice; names differ")
+    return hooks

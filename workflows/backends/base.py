@@ -146,4 +146,9 @@ class ClusterBackend(Protocol):
         """
         ...
 
+    def interference(self, cluster: str) -> list[str]:
+        """What else is changing the cluster now (jobs running on its hosts, a Cluster-Aware
+        Updating run or its lock), each named: a cycle refuses to start while there is any."""
+        ...
+
     def close(self) -> None: ...

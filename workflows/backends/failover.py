@@ -133,6 +133,16 @@ class FailoverBackend:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def interference(self, cluster: str) -> list[str]:
+        """A Cluster-Aware Updating run in progress, or the lock a failed one left: `Get-CauRun`
+        answers `RunNotInProgress` when there is neither (anything else names the run)."""
+        del cluster  # the session's own cluster
+        answer = self._run([psrp.Cmd("Get-CauRun", {"ErrorAction": "Stop"})])
+        text = "; ".join(str(a) for a in answer).strip()
+        if not answer or "RunNotInProgress" in text:
+            return []
+        return [f"a Cluster-Aware Updating run is in progress or left the cluster locked: {text}"]
+
     def _run(self, cmds: list[psrp.Cmd], target: str | None = None) -> list[Any]:
         return self._session.run(cmds, target=target)
 

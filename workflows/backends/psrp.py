@@ -28,7 +28,7 @@ from pypsrp.wsman import WSMan
 from engine import errors
 from workflows.backends import connection
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nodepatch.psrp")  # under the configured logger
 
 ERROR_CATEGORIES = [
     "NotSpecified",

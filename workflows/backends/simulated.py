@@ -166,6 +166,9 @@ class SimulatedCluster:
     def find_job(self, kind: str, target: str) -> str | None:
         return self._call("find_job", lambda w: _find_job(w, kind, target))
 
+    def interference(self, cluster: str) -> list[str]:
+        return self._call("inventory", lambda w: _interference(w, cluster))
+
     def reboot_in_maintenance(self, host: str) -> str | None:
         """The reboot job that ran on host during its current maintenance window, if any: the
         evidence that a patch already happened there."""
@@ -302,11 +305,23 @@ def _find_job(world: simworld.World, kind: str, target: str) -> str | None:
     return next((j["id"] for j in world.rows.open_jobs_on(target) if j["kind"] == kind), None)
 
 
+def _interference(world: simworld.World, name: str) -> list[str]:
+    cluster = _cluster(world, name)
+    return [
+        f"job {job['id']} ({job['kind']} on {job['target']}) is running in cluster {cluster.name}"
+        for job in world.rows.open_jobs(cluster.id)
+    ]
+
+
 def _reboot_in_maintenance(world: simworld.World, name: str) -> str | None:
     host = world.find_host(name)
     if host is None or not host["maintenance"]:
         return None
-    return world.rows.reboots[host["name"].lower()]
+    found = world.rows.reboots[host["name"].lower()]
+    job = world.rows.job(found) if found else None
+    if job is not None and job["status"] in (base.JobStatus.FAILED, base.JobStatus.CANCELED):
+        return None  # a reboot that failed patched nothing: a retry patches again
+    return found
 
 
 def _snapshot(world: simworld.World, name: str | None) -> JSON:

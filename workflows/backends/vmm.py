@@ -125,6 +125,18 @@ class VmmBackend:
                 return str(job["ID"])
         return None
 
+    def interference(self, cluster: str) -> list[str]:
+        """VMM jobs running on the cluster's hosts or on its VMs (`Get-SCJob -Running`; a
+        job's ResultName is the host or VM it acts on)."""
+        found = self.inventory(cluster)
+        mine = {_short(h.name).lower() for h in found.hosts} | {v.name.lower() for v in found.vms}
+        running = self._run([psrp.Cmd("Get-SCJob", {"Running": True}), _select(JOB_FIELDS)])
+        return [
+            f"VMM job {job.get('ID')} ({job.get('Name')} on {job.get('ResultName')}) is running"
+            for job in map(psrp.props, running)
+            if _short(str(job.get("ResultName", ""))).lower() in mine
+        ]
+
     # -- writes ------------------------------------------------------------------------------
 
     def enter_maintenance(self, host: str) -> str:

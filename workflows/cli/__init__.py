@@ -112,6 +112,14 @@ def _die(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
     help="Use the simulated cluster in FILE [env NODEPATCH_SIM].",
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="NODEPATCH_LOG_FORMAT",
+    help="Log lines as text or JSON, each with run_id, workflow, state, action "
+    "[env NODEPATCH_LOG_FORMAT].",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -119,6 +127,7 @@ def main(
     database: str | None,
     sim_file: str | None,
     debug: bool,
+    log_format: str,
 ) -> None:
     """nodepatch: patch Hyper-V / VMM cluster nodes without cutting anyone off."""
     if ctx.invoked_subcommand in STANDALONE:
@@ -127,7 +136,7 @@ def main(
     from workflows.app import App
 
     cfg = settings.load(config_path)
-    _setup_logging(cfg.log_file, debug)
+    _setup_logging(cfg.log_file, debug, log_format)
     url = database or cfg.database
     app = App(
         cfg,
@@ -141,13 +150,13 @@ def main(
     ctx.call_on_close(terminal.settle)
 
 
-def _setup_logging(path: str | None, debug: bool) -> None:
+def _setup_logging(path: str | None, debug: bool, fmt: str = "text") -> None:
     root = logging.getLogger("nodepatch")
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if path:
-        handler = _file_handler(Path(path).expanduser())
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        root.addHandler(handler)
+        from workflows import logs
+
+        root.addHandler(logs.handler(_file_handler(Path(path).expanduser()), fmt))
 
 
 def _file_handler(path: Path) -> logging.Handler:
@@ -181,7 +190,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("workflows.cli.inspect:doctor_cmd", "Check the configured connection end to end..."),
     "db": ("workflows.cli.inspect:db_group", "Database schema management."),
     "sim": ("workflows.cli.sim:sim_group", "The simulated cluster (demo, dry runs, tests)."),
-    "demo": ("workflows.cli.demo:demo_cmd", "Patch one node of a fresh simulated cluster..."),
+    "demo": ("workflows.cli.demo:demo_cmd", "Patch a whole fresh simulated cluster as one..."),
+    "cycle": ("workflows.cli.cycle:cycle_group", "Patch a whole cluster: a durable rolling..."),
+    "report": ("workflows.cli.report:report_cmd", "The report of RUN (a node run or a cycle)..."),
+    "webhooks": ("workflows.cli.webhooks:webhooks_group", "Deliver run events to the..."),
+    "metrics": ("workflows.cli.metrics:metrics_cmd", "Print the metrics a worker serves on..."),
     "config": ("workflows.cli.configure:config_group", "Check the configuration file, or..."),
 }
 STANDALONE = {"config"}  # commands that need no App (and so load no configuration first)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 
 import click
@@ -18,6 +19,7 @@ from workflows.cli.common import (
     pass_app,
 )
 from workflows.node_patch import STATES
+from workflows.report import past
 
 # ---- database ----------------------------------------------------------------------------
 
@@ -96,12 +98,26 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
 @click.option("--cluster")
 @click.option("--node")
 @click.option("--state", type=click.Choice(STATES))
+@click.option(
+    "--since",
+    metavar="DATE",
+    help="Runs started at or after DATE (ISO 8601; UTC unless it has an offset), cycles "
+    "included, with outcome and duration.",
+)
 @json_option
 @pass_app
 def runs_cmd(
-    app: App, cluster: str | None, node: str | None, state: str | None, as_json: bool
+    app: App,
+    cluster: str | None,
+    node: str | None,
+    state: str | None,
+    since: str | None,
+    as_json: bool,
 ) -> None:
     """List runs, newest first."""
+    if since is not None:
+        past_runs(app, cluster, node, state, parse_since(since), as_json)
+        return
     runs = app.store.runs(subject_prefix=f"{cluster}/" if cluster else None, state=state)
     if node:
         runs = [r for r in runs if str(r.params.get("node", "")).lower() == node.lower()]
@@ -109,6 +125,40 @@ def runs_cmd(
         emit([render.run_json(r, {}) | {"published": None} for r in runs])
     else:
         terminal.echo(render.runs_table(runs))
+
+
+def past_runs(
+    app: App,
+    cluster: str | None,
+    node: str | None,
+    state: str | None,
+    since: dt.datetime,
+    as_json: bool,
+) -> None:
+    """`runs --since`: cycles and node runs of the cluster, with outcome and duration."""
+    now = utcnow()
+    runs = past.select(app.store.runs(state=state, limit=ALL), cluster, node, since)
+    rows = [past.row(r, now) for r in runs]
+    if as_json:
+        emit(rows)
+    else:
+        click.echo(past.table(rows))
+
+
+ALL = 1_000_000
+
+
+def parse_since(text: str) -> dt.datetime:
+    """An ISO 8601 date or time; UTC unless it names an offset."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{text!r} is not a date: give an ISO 8601 date or time, such as 2026-11-01 or "
+            "2026-11-28T22:00+01:00",
+            param_hint="--since",
+        ) from exc
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 @click.command("history")

@@ -27,6 +27,8 @@ from workflows.cli.common import (
     until_option,
 )
 from workflows.cli.interrupts import graceful
+from workflows.cli.webhooks import deliver_after
+from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import ABORTED, DONE, EXTERNAL, Params, subject
 
 # ---- planning and running ----------------------------------------------------------------
@@ -138,6 +140,7 @@ def start_cmd(
 
 
 def _detached(app: App, run: Run, as_json: bool) -> NoReturn:
+    deliver_after(app)
     if as_json:
         emit(render.run_json(run, app.store.published(run.id), "detached"))
     else:
@@ -186,6 +189,12 @@ def resume_cmd(
         _detached(app, app.store.get(run.id), as_json)
     if early:
         app.store.wake(run.id, utcnow())
+    if run.workflow == CLUSTER_CYCLE:  # a cycle drives its node runs too
+        from workflows.cli.cycle import drive
+
+        if early and run.wake_at is not None and not run.finished_at:
+            runner.signal(run.id, "continue")  # skip the soak or window it sleeps for
+        drive(app, run.id, as_json, retry=True)
     _drive(app, runner, run.id, as_json, until=until, retry=True)
 
 
@@ -220,6 +229,10 @@ def abort_cmd(app: App, run_ref: str, wait_s: float, as_json: bool) -> None:
     after --wait seconds (it goes on with `resume`)."""
     run = app.store.resolve(run_ref)
     runner = app.runner_for(run)
+    if run.workflow == CLUSTER_CYCLE:
+        from workflows.cli.cycle import abort_cmd as cycle_abort
+
+        click.get_current_context().invoke(cycle_abort, run_ref=run.id, as_json=as_json)
     if not runner.signal(run.id, "abort"):
         click.echo(f"abort was already recorded for run {run.id}", err=True)
     app.progress = _always(app.progress)  # an abort reports what it does, terminal or not
@@ -247,6 +260,7 @@ def release_cmd(app: App, run_ref: str, reason: str, as_json: bool) -> None:
     app.registry.check(run.workflow, run.workflow_version)
     left = _left_as_is(app, run)
     released = app.runner_for(run).release(run.id, reason, {"released": left})
+    deliver_after(app)
     published = app.store.published(run.id)
     if as_json:
         emit(render.run_json(released, published, "final"))
@@ -309,6 +323,7 @@ def _drive(
         finally:
             terminal.settle()  # the live progress panel goes before the result is printed
     timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
+    deliver_after(app)
     _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
 
 

@@ -11,6 +11,7 @@ import click
 from engine.worker import Worker, WorkerSettings
 from workflows import terminal
 from workflows.app import App, actor
+from workflows.cli import integrations
 from workflows.cli.common import EXIT_DONE, pass_app
 
 
@@ -47,9 +48,27 @@ from workflows.cli.common import EXIT_DONE, pass_app
     show_default=True,
     help="Seconds SIGTERM/SIGINT waits for in-flight runs to reach a durable point.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve Prometheus metrics on this port (/metrics).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",  # noqa: S104 - scraped from another machine (or a container's host)
+    show_default=True,
+    help="Address /metrics listens on.",
+)
 @pass_app
 def worker_cmd(
-    app: App, concurrency: int, until_idle: bool, poll_s: float, yield_s: float, grace_s: float
+    app: App,
+    concurrency: int,
+    until_idle: bool,
+    poll_s: float,
+    yield_s: float,
+    grace_s: float,
+    metrics_port: int | None,
+    metrics_addr: str,
 ) -> None:
     """Claim due runs (started with --detach, woken by a signal or a timer) and drive each to its
     next stop. Run one or more per site; several workers share one PostgreSQL database."""
@@ -74,7 +93,11 @@ def worker_cmd(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+    integrations.log_to_stderr()
+    integrations.serve_metrics(app, metrics_port, metrics_addr)
+    deliveries = integrations.deliver_continuously(app, worker.stop, min(poll_s, 2.0))
     click.echo(f"nodepatch worker {actor()}: {concurrency} slot(s)", err=True)
     worker.run(until_idle=until_idle, grace_s=grace_s)
+    integrations.last_delivery(app, deliveries, worker.stop)
     click.echo(f"nodepatch worker: stopped after driving {worker.driven} run(s)", err=True)
     sys.exit(EXIT_DONE)

@@ -1,0 +1,80 @@
+"""Drive a run and its child runs in this process, for a command that drives a parent run
+(a run started without --detach): the parent's steps start children and sleep until they end;
+this loop drives each child that can move, wakes the parent, and stops where nothing here can
+move any more (the parent final or failed, a child waiting for an operator's signal, a timer
+far away). Workers do the same across processes with `claim_next`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from engine.model import Run, utcnow
+from engine.runner import ABORT, Runner, Stop
+from engine.store import Store
+
+SHORT_WAIT = dt.timedelta(seconds=30)  # a parent's poll: waited for here, not handed back
+
+
+@dataclass(frozen=True)
+class FamilyStop:
+    stop: Stop
+    waiting_children: tuple[Run, ...] = ()  # children waiting for a signal nobody sent yet
+
+
+def drive_family(
+    store: Store,
+    runner_for: Callable[[Run], Runner],
+    root_id: str,
+    *,
+    until: str | None = None,
+    retry: bool = False,
+    early: bool = False,
+    sleep: Callable[[float], None],
+    now: Callable[[], dt.datetime] = utcnow,
+    stopping: Callable[[], bool] = lambda: False,
+) -> FamilyStop:
+    first = True
+    while True:
+        root = store.get(root_id)
+        stop = runner_for(root).drive(
+            root_id, until=until if first else None, retry=retry and first, early=early and first
+        )
+        first = False
+        if stop.reason != "sleeping" or stopping():
+            return FamilyStop(stop)
+        children = [c for c in store.children(root_id) if c.finished_at is None]
+        movable = [c for c in children if _movable(store, c)]
+        if movable:  # a wave's node runs move at the same time, as workers would drive them
+            with ThreadPoolExecutor(len(movable), thread_name_prefix="family") as pool:
+                for future in [pool.submit(_drive, runner_for, c) for c in movable]:
+                    future.result()
+            if stopping():
+                return FamilyStop(Stop(store.get(root_id), "interrupted"))
+            store.wake(root_id, now())
+            continue
+        root = store.get(root_id)
+        waiting = tuple(c for c in children if c.waiting_for and not _signalled(store, c))
+        wake = root.wake_at
+        if waiting or wake is None or wake - now() > SHORT_WAIT:
+            return FamilyStop(Stop(root, "sleeping"), waiting)
+        sleep(max((wake - now()).total_seconds(), 0.0))
+
+
+def _drive(runner_for: Callable[[Run], Runner], child: Run) -> Stop:
+    return runner_for(child).drive(child.id, early=True)
+
+
+def _movable(store: Store, child: Run) -> bool:
+    """A child that driving can move now: not failed (its parent decides about those) unless
+    an abort is pending, not waiting for a signal that has not come."""
+    pending = store.pending_signals(child.id)
+    if child.failed_from is not None:
+        return ABORT in pending
+    return not child.waiting_for or child.waiting_for in pending or ABORT in pending
+
+
+def _signalled(store: Store, child: Run) -> bool:
+    return bool(child.waiting_for and child.waiting_for in store.pending_signals(child.id))

@@ -1,0 +1,1 @@
+"""Reports of past runs: `data` builds the report from the store, `html` and `csv` render it."""
