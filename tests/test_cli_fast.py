@@ -27,6 +27,8 @@ NOT_FOR_STATUS = (
     "psycopg",
     "transitions",
     "sqlalchemy.dialects.postgresql",
+    "dateutil",
+    "workflows.cycle",
 )
 
 
@@ -144,3 +146,11 @@ def test_completion_sees_the_lazily_loaded_commands_and_their_choices() -> None:
         }
     )
     assert "plain,Draining" in states.split()
+
+
+def test_the_app_names_the_cycle_workflow_as_the_cycle_does() -> None:
+    """The composition root's copy of the cycle's workflow name is the cycle's own."""
+    from workflows import app
+    from workflows.cycle import params
+
+    assert app.CLUSTER_CYCLE == params.CLUSTER_CYCLE

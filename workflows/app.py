@@ -18,10 +18,13 @@ from engine.model import Run
 from engine.registry import Registry
 from engine.store import Store
 from workflows.backends.base import ClusterBackend
-from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import NODE_PATCH, NodePatch
 from workflows.patchers.base import Patcher
 from workflows.settings import Settings
+
+CLUSTER_CYCLE = "cluster_cycle"
+"""workflows.cycle.params.CLUSTER_CYCLE, named here so that commands that never drive a cycle
+do not import it (and dateutil); tests/test_cli_fast.py checks that the two agree."""
 
 if TYPE_CHECKING:
     from engine.machine import StateMachine
