@@ -7,8 +7,8 @@ far away). Workers do the same across processes with `claim_next`."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.model import Run, utcnow
@@ -48,9 +48,7 @@ def drive_family(
         children = [c for c in store.children(root_id) if c.finished_at is None]
         movable = [c for c in children if _movable(store, c)]
         if movable:  # a wave's node runs move at the same time, as workers would drive them
-            with ThreadPoolExecutor(len(movable), thread_name_prefix="family") as pool:
-                for future in [pool.submit(_drive, runner_for, c) for c in movable]:
-                    future.result()
+            _drive_together(runner_for, movable)
             if stopping():
                 return FamilyStop(Stop(store.get(root_id), "interrupted"))
             store.wake(root_id, now())
@@ -63,8 +61,33 @@ def drive_family(
         sleep(max((wake - now()).total_seconds(), 0.0))
 
 
-def _drive(runner_for: Callable[[Run], Runner], child: Run) -> Stop:
-    return runner_for(child).drive(child.id, early=True)
+def _drive_together(runner_for: Callable[[Run], Runner], children: list[Run]) -> None:
+    """Drive the children at the same time, a thread each, until every one has stopped; the
+    first error is raised once all have. The threads are daemons, joined in short waits, so
+    that an exception in this thread (a second Ctrl-C: stop at once) ends the process without
+    waiting for them: their leases then expire, as a killed worker's do, and every side effect
+    so far is journaled. (A ThreadPoolExecutor's threads are joined at exit: a second Ctrl-C
+    would wait for every child to reach its next durable point.)"""
+    runners = [runner_for(child) for child in children]
+    failures: list[BaseException] = []
+
+    def drive(runner: Runner, child: Run) -> None:
+        try:
+            runner.drive(child.id, early=True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driving thread
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=drive, args=pair, name=f"family-{pair[1].id}", daemon=True)
+        for pair in zip(runners, children, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.1)  # short joins: signal handlers run in this thread meanwhile
+    if failures:
+        raise failures[0]
 
 
 def _movable(store: Store, child: Run) -> bool:

@@ -186,3 +186,24 @@ def test_task_scheduler_definition_runs_the_cycle_monthly() -> None:
     assert command is not None and command.endswith("nodepatch.exe")
     assert arguments == "cycle start --cluster CLUSTER01 --detach --json"
     assert "Password>" not in ET.tostring(root, encoding="unicode").replace("LogonType", "")
+
+
+def test_the_monthly_cycle_unit_starts_a_cycle_that_a_worker_finishes(tmp_path: Path) -> None:
+    """The timer's service runs its ExecStart as written (the program and %i substituted): the
+    cycle is recorded and left to the workers (exit 3, one of its SuccessExitStatus), and a
+    worker then patches the whole simulated cluster."""
+    cli = make_cli(
+        tmp_path, f"sqlite:///{tmp_path / 'n.db'}", FAST_CONFIG + "cycle: {poll_s: 0.01}\n"
+    )
+    assert cli("db", "upgrade").code == 0
+    SimulatedCluster.create(cli.sim, MIXED)
+    unit = (EXAMPLES / "systemd" / "nodepatch-cycle@.service").read_text(encoding="utf-8")
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    success = next(x for x in unit.splitlines() if x.startswith("SuccessExitStatus="))
+    argv = line.removeprefix("ExecStart=").replace("%i", "c1").split()
+    assert argv[0].endswith("/nodepatch")
+    started = cli(*argv[1:], "--non-ha", "migrate")
+    assert str(started.code) in success.split("=", 1)[1].split(), started.err
+    run_id = started.json()["run_id"]
+    assert cli("worker", "--until-idle", "--poll", "0.05").code == 0
+    assert cli("cycle", "status", run_id, "--json").json()["state"] == "Done"

@@ -16,7 +16,7 @@ import pytest
 
 from engine import errors
 from tests.test_first_hour_input import assert_refused, nodepatch
-from workflows.backends import base, simfaults
+from workflows.backends import base, simdb, simfaults
 from workflows.backends.simulated import OPERATIONS, SimulatedCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -348,7 +348,10 @@ NOT_A_SIMULATOR = {
     "an empty file": (lambda p: p.write_bytes(b""), "is not valid JSON"),
     "another SQLite database": (_other_database, "is an SQLite database but not a simulated"),
     "a truncated simulator file": (_truncated, "is corrupt: database disk image is malformed"),
-    "a newer simulator": (_newer, "has simulator schema 99, this nodepatch reads 1"),
+    "a newer simulator": (
+        _newer,
+        f"has simulator schema 99, this nodepatch reads {simdb.SCHEMA_VERSION}",
+    ),
 }
 
 

@@ -125,8 +125,9 @@ class App:
                 raise errors.ConfigError(
                     "patcher.kind: simulated needs the simulated backend (--sim FILE)"
                 )
+            seconds = options.get("patch_seconds")  # None: each host's own (else 60 s)
             return SimulatedPatcher(
-                self.backend, patch_seconds=float(options.get("patch_seconds", 60))
+                self.backend, patch_seconds=None if seconds is None else float(seconds)
             )
         from workflows.patchers import remote
 

@@ -191,7 +191,9 @@ Backend = Annotated[
 
 
 class SimulatedPatcherBlock(Model):
-    patch_seconds: Seconds = 60.0
+    patch_seconds: Seconds | None = Field(
+        default=None, description="simulated install time; default: each host's own, else 60"
+    )
 
 
 class RemotePatcherBlock(Model):

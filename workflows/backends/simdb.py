@@ -2,8 +2,9 @@
 
 Tables: one `world` row (a format marker, the schema version, speed, the simulated clock and how
 many finished jobs each cluster keeps), `clusters`, `hosts` (with the reboot job of each host's
-current maintenance window), `vms`, `jobs` (open ones whole; finished ones compact: status,
-progress, message, details), `faults` (in firing order) and `counts` (per cluster and key).
+current maintenance window, and its own patch and reboot times when it has them), `vms`, `jobs`
+(open ones whole; finished ones compact: status, progress, message, details), `faults` (in
+firing order) and `counts` (per cluster and key).
 
 A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`, so
 that waiting processes sleep in the kernel rather than in SQLite's busy loop, then
@@ -33,7 +34,7 @@ from workflows.backends import simfaults, simrows
 JSON = dict[str, Any]
 
 FORMAT = "nodepatch-simulated-cluster"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: hosts.patch_s and hosts.reboot_s
 JOB_HISTORY = 1000  # finished jobs kept per cluster (besides each host's maintenance reboot)
 _BUSY_TIMEOUT_S = 60.0
 _HEADER = b"SQLite format 3\x00"
@@ -63,7 +64,9 @@ CREATE TABLE hosts (
     memory_mb INTEGER NOT NULL,
     maintenance INTEGER NOT NULL,
     state TEXT NOT NULL,
-    window_reboot TEXT
+    window_reboot TEXT,
+    patch_s REAL,
+    reboot_s REAL
 );
 CREATE INDEX hosts_by_cluster ON hosts (cluster, seq);
 CREATE TABLE vms (
@@ -336,9 +339,18 @@ def _fill(
         for h in cluster["hosts"]:
             host_cluster[h["name"]] = cid
             conn.execute(
-                "INSERT INTO hosts (key, cluster, name, memory_mb, maintenance, state) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (h["name"].lower(), cid, h["name"], h["memory_mb"], h["maintenance"], h["state"]),
+                "INSERT INTO hosts (key, cluster, name, memory_mb, maintenance, state, "
+                "patch_s, reboot_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    h["name"].lower(),
+                    cid,
+                    h["name"],
+                    h["memory_mb"],
+                    h["maintenance"],
+                    h["state"],
+                    h.get("patch_seconds"),
+                    h.get("reboot_seconds"),
+                ),
             )
     conn.executemany(
         "INSERT INTO vms (id, cluster, name, host, ha, state, memory_mb) "

@@ -18,6 +18,7 @@ from engine import errors
 from workflows.backends import base
 
 JSON = dict[str, Any]
+Range = tuple[float, float]
 
 JOB_OPS = frozenset(
     {
@@ -36,8 +37,11 @@ HOST_JOB_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"
 _SIDE_EFFECTS = frozenset({"delete_vm", "move_vm", "set_state"})
 _HOST_STATES = frozenset(s.value for s in base.HostState)
 _POWER_STATES = frozenset(s.value for s in base.PowerState)
-# `operations` is what `sim show --json` adds; a scenario may carry it, and it is ignored.
-_TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed", "operations"})
+# `operations` and `clock` are what `sim show --json` adds; a scenario may carry them, and they
+# are ignored.
+_TOP_KEYS = frozenset({"clusters", "vms", "faults", "speed", "operations", "clock"})
+# A host's own simulated timings (optional): how long patching and the reboot take there.
+TIMING_KEYS = ("patch_seconds", "reboot_seconds")
 
 
 def _fail(where: str, problem: str) -> errors.UsageError:
@@ -252,7 +256,8 @@ def _validate_clusters(clusters: list[Any], prefix: str) -> tuple[list[JSON], di
 
 
 def _validate_host(raw: Any, where: str) -> JSON:
-    obj = _check_keys(raw, frozenset({"name", "memory_mb", "maintenance", "state"}), where)
+    keys = frozenset({"name", "memory_mb", "maintenance", "state", *TIMING_KEYS})
+    obj = _check_keys(raw, keys, where)
     name = _get(obj, "name", str, where)
     if not name:
         raise _fail(f"{where}.name", "a host needs a name")
@@ -261,7 +266,14 @@ def _validate_host(raw: Any, where: str) -> JSON:
         raise _fail(f"{where}.memory_mb", f"expected a positive integer, got {memory}")
     state = _one_of(_get(obj, "state", str, where, "Up"), _HOST_STATES, f"{where}.state")
     maintenance = _get(obj, "maintenance", bool, where, False)
-    return {"name": name, "memory_mb": memory, "maintenance": maintenance, "state": state}
+    host: JSON = {"name": name, "memory_mb": memory, "maintenance": maintenance, "state": state}
+    for key in TIMING_KEYS:
+        value = _get(obj, key, (int, float), where, None)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise _fail(f"{where}.{key}", f"expected a non-negative number, got {value!r}")
+        if value is not None:
+            host[key] = float(value)
+    return host
 
 
 def _validate_vm(raw: Any, where: str, hosts: dict[str, str]) -> JSON:
@@ -294,9 +306,13 @@ def generate(
     seed: int,
     cluster: str,
     prefix: str = "",
+    patch_seconds: Range | None = None,
+    reboot_seconds: Range | None = None,
 ) -> JSON:
     """A random scenario, deterministic by seed, in which the cluster can lose any one node.
-    Hosts are named `{prefix}hv01`.., VMs `{prefix}vm001`.."""
+    Hosts are named `{prefix}hv01`.., VMs `{prefix}vm001`.. With `patch_seconds` or
+    `reboot_seconds` (low, high), each host gets its own time drawn from that range, also
+    deterministic by seed (the rest of the scenario is the same as without them)."""
     if hosts < 1 or vms < 0 or non_ha < 0 or stopped_ha < 0 or non_ha + stopped_ha > vms:
         raise errors.UsageError(
             "generate needs hosts >= 1 and 0 <= non_ha + stopped_ha <= vms "
@@ -321,16 +337,36 @@ def generate(
         for i in range(vms)
     ]
     memory = _host_memory(out_vms, host_names)
-    return {
-        "clusters": [
-            {"name": cluster, "hosts": [{"name": h, "memory_mb": memory} for h in host_names]}
-        ],
-        "vms": out_vms,
-    }
+    made: list[JSON] = [{"name": h, "memory_mb": memory} for h in host_names]
+    timings = random.Random(f"timings:{seed}:{prefix}")  # apart, so the VMs stay as they were
+    for key, span in (("patch_seconds", patch_seconds), ("reboot_seconds", reboot_seconds)):
+        if span is not None:
+            low, high = check_range(span, key)
+            for host in made:
+                host[key] = float(round(timings.uniform(low, high)))
+    return {"clusters": [{"name": cluster, "hosts": made}], "vms": out_vms}
+
+
+def check_range(span: Range, what: str) -> Range:
+    """A (low, high) range of seconds: finite, non-negative, low <= high."""
+    low, high = float(span[0]), float(span[1])
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
+        raise errors.UsageError(
+            f"{what}: expected 0 <= low <= high seconds, got {span[0]!r}-{span[1]!r}"
+        )
+    return low, high
 
 
 def generate_fleet(
-    *, clusters: int, hosts: int, vms: int, non_ha: int, stopped_ha: int, seed: int
+    *,
+    clusters: int,
+    hosts: int,
+    vms: int,
+    non_ha: int,
+    stopped_ha: int,
+    seed: int,
+    patch_seconds: Range | None = None,
+    reboot_seconds: Range | None = None,
 ) -> JSON:
     """`clusters` random clusters cluster1..clusterK, each as `generate` makes one (the counts
     are per cluster), with hosts ck-hv01.. and VMs ck-vm001.. so that names are unique."""
@@ -346,6 +382,8 @@ def generate_fleet(
             seed=seed * 1_000_003 + k - 1,
             cluster=f"cluster{k}",
             prefix=f"c{k}-",
+            patch_seconds=patch_seconds,
+            reboot_seconds=reboot_seconds,
         )
         fleet["clusters"] += one["clusters"]
         fleet["vms"] += one["vms"]

@@ -117,9 +117,9 @@ class Rows:
         return cluster
 
     def _load_hosts(self, cluster: Cluster) -> None:
-        for key, name, memory, maintenance, state, reboot in self.conn.execute(
-            "SELECT key, name, memory_mb, maintenance, state, window_reboot FROM hosts "
-            "WHERE cluster = ? ORDER BY seq",
+        for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in self.conn.execute(
+            "SELECT key, name, memory_mb, maintenance, state, window_reboot, patch_s, reboot_s "
+            "FROM hosts WHERE cluster = ? ORDER BY seq",
             (cluster.id,),
         ).fetchall():
             host = {
@@ -127,6 +127,8 @@ class Rows:
                 "memory_mb": memory,
                 "maintenance": bool(maintenance),
                 "state": state,
+                "patch_seconds": patch_s,
+                "reboot_seconds": reboot_s,
             }
             cluster.hosts.append(host)
             self._hosts[key], self._host_cluster[key] = host, cluster.id

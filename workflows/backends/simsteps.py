@@ -102,7 +102,9 @@ def _end_migrate(world: World, job: JSON, step: JSON) -> None:
         _fail_step(step, f"live migration of VM {_vm_label(world, vm['id'])} failed")
         return
     vm["host"] = target["name"]
-    world.count("live_migrate", vm["id"], cluster=world.rows.job_cluster[job["id"]])
+    cluster = world.rows.job_cluster[job["id"]]
+    world.count("live_migrate", vm["id"], cluster=cluster)
+    world.arrived(vm, cluster)
 
 
 def _begin_drain_save(world: World, job: JSON, step: JSON) -> None:
@@ -141,14 +143,13 @@ def _end_move(world: World, job: JSON, step: JSON) -> None:
         _fail_step(step, f"VM {step['vm']} or host {step['to']} no longer exists")
     elif simfaults.migration_fails(world.rows.faults, vm["id"]):
         _fail_step(step, f"live migration of VM {_vm_label(world, vm['id'])} failed")
-    elif (
-        target["state"] != base.HostState.UP or target["maintenance"] or not world.fits(target, vm)
-    ):
+    elif target["state"] != base.HostState.UP or target["maintenance"]:
         _fail_step(
             step, f"host {target['name']} can no longer take VM {_vm_label(world, vm['id'])}"
         )
-    else:
+    else:  # memory was checked when the move was asked for; short now, it is an overcommit
         vm["host"] = target["name"]
+        world.arrived(vm, world.rows.job_cluster[job["id"]])
 
 
 def _end_power(world: World, job: JSON, step: JSON) -> None:
@@ -156,7 +157,10 @@ def _end_power(world: World, job: JSON, step: JSON) -> None:
     if vm is None:
         _fail_step(step, f"VM {step['vm']} no longer exists")
         return
+    was_using = uses_memory(vm)
     vm["state"] = step["to"]
+    if not was_using:
+        world.arrived(vm, world.rows.job_cluster[job["id"]])
 
 
 def _begin_patch(world: World, job: JSON, step: JSON) -> None:

@@ -90,10 +90,14 @@ class SimulatedCluster:
         clusters: int = 1,
         clock: Clock = time.time,
         job_history: int = JOB_HISTORY,
+        patch_seconds: simfaults.Range | None = None,
+        reboot_seconds: simfaults.Range | None = None,
     ) -> SimulatedCluster:
         """Random clusters, deterministic by seed, each able to lose one node (N-1 fits). One
         cluster is named `cluster` with hosts hv01..; several are cluster1..clusterK with hosts
-        c1-hv01.., VMs c1-vm001.. (hosts, vms, non_ha and stopped_ha are per cluster)."""
+        c1-hv01.., VMs c1-vm001.. (hosts, vms, non_ha and stopped_ha are per cluster). With
+        `patch_seconds` / `reboot_seconds` (low, high) each host gets its own patch and reboot
+        time from those ranges (deterministic by seed)."""
         if clusters == 1:
             scenario = simfaults.generate(
                 hosts=hosts,
@@ -102,6 +106,8 @@ class SimulatedCluster:
                 stopped_ha=stopped_ha,
                 seed=seed,
                 cluster=cluster,
+                patch_seconds=patch_seconds,
+                reboot_seconds=reboot_seconds,
             )
         else:
             scenario = simfaults.generate_fleet(
@@ -111,6 +117,8 @@ class SimulatedCluster:
                 non_ha=non_ha,
                 stopped_ha=stopped_ha,
                 seed=seed,
+                patch_seconds=patch_seconds,
+                reboot_seconds=reboot_seconds,
             )
         return cls.create(path, scenario, speed=speed, clock=clock, job_history=job_history)
 
@@ -181,8 +189,16 @@ class SimulatedCluster:
 
     # simulator only ----------------------------------------------------------------------------
 
-    def reboot_host(self, host: str, *, patch_seconds: float = 60.0) -> str:
+    def reboot_host(self, host: str, *, patch_seconds: float | None = None) -> str:
+        """Patch and reboot a host in maintenance; `patch_seconds` None: the host's own patch
+        time (`sim init --patch-seconds`), else 60 s."""
         return self._call("reboot_host", lambda w: w.reboot_host(host, patch_seconds))
+
+    def clock(self) -> dict[str, float]:
+        """The simulated clock now: `sim_time` (simulated seconds since the world was made) at
+        `real_time` (Unix time), and `speed` (simulated seconds per real second, so that the
+        clock read at another moment t is sim_time + (t - real_time) * speed)."""
+        return self._call(None, _clock)
 
     def snapshot(self, cluster: str | None = None) -> dict[str, Any]:
         """The `sim show --json` document (without `operations`): every cluster, or one."""
@@ -329,14 +345,24 @@ def _snapshot(world: simworld.World, name: str | None) -> JSON:
     clusters = [
         {
             "name": c.name,
-            "hosts": [
-                {k: h[k] for k in ("name", "memory_mb", "maintenance", "state")} for h in c.hosts
-            ],
+            "hosts": [_shown_host(h) for h in c.hosts],
         }
         for c in chosen
     ]
     names = [h["name"] for c in chosen for h in c.hosts]
     return {"clusters": clusters, "vms": [dict(v) for v in world.rows.vms_on(*names)]}
+
+
+def _clock(world: simworld.World) -> dict[str, float]:
+    rows = world.rows
+    return {"sim_time": rows.sim_time, "real_time": rows.real_time, "speed": rows.speed}
+
+
+def _shown_host(host: JSON) -> JSON:
+    """A host as `sim show --json` (and a scenario) has it: its own timings only when set."""
+    shown = {k: host[k] for k in ("name", "memory_mb", "maintenance", "state")}
+    shown.update({k: host[k] for k in simfaults.TIMING_KEYS if host.get(k) is not None})
+    return shown
 
 
 def _operations(world: simworld.World, name: str | None) -> dict[str, int]:

@@ -19,7 +19,8 @@ from workflows.backends import base, simfaults, simrows, simsteps
 
 JSON = dict[str, Any]
 
-_REBOOT_SECONDS = 120.0
+_PATCH_SECONDS = 60.0  # a host's patch time, unless the host or the patcher says otherwise
+_REBOOT_SECONDS = 120.0  # a host's reboot time, unless the host has its own
 _HOST_OPS = simfaults.HOST_JOB_OPS
 _OPEN = ("pending", "running")
 
@@ -60,6 +61,14 @@ class World:
             v["memory_mb"] for v in self.rows.vms_on(host["name"]) if simsteps.uses_memory(v)
         )
         return int(host["memory_mb"]) - int(used)
+
+    def arrived(self, vm: JSON, cluster: int) -> None:
+        """A VM has just started using memory on its host (a migration or move arriving, a
+        start): when the host now holds more running-VM memory than it has, count an
+        `overcommit` (never refused: the count is what happened)."""
+        host = self.find_host(vm["host"])
+        if host is not None and simsteps.uses_memory(vm) and self.free_mb(host) < 0:
+            self.count("overcommit", host["name"], cluster=cluster)
 
     def count(self, op: str, target: str | None = None, *, cluster: int = 0) -> None:
         for key in (op, f"{op}:{target}") if target is not None else (op,):
@@ -217,6 +226,7 @@ class World:
         cluster = self.cluster_of(vm["host"])
         vm["host"] = target["name"]
         self.count("admin_move", vm_id, cluster=cluster)
+        self.arrived(vm, cluster)
 
     def admin_delete(self, vm_id: str) -> None:
         cluster = self.cluster_of(self.vm(vm_id)["host"])
@@ -225,8 +235,11 @@ class World:
 
     def admin_set_state(self, vm_id: str, state: base.PowerState) -> None:
         vm = self.vm(vm_id)
+        was_using = simsteps.uses_memory(vm)
         vm["state"] = base.PowerState(state).value
         self.count("admin_set_state", vm_id, cluster=self.cluster_of(vm["host"]))
+        if not was_using:
+            self.arrived(vm, self.cluster_of(vm["host"]))
 
     # requests ---------------------------------------------------------------------------------
 
@@ -271,7 +284,9 @@ class World:
         cluster = self.cluster_of(host["name"])
         return self.submit("exit_maintenance", host["name"], cluster, steps, noop=noop, done=done)
 
-    def reboot_host(self, name: str, patch_seconds: float) -> str:
+    def reboot_host(self, name: str, patch_seconds: float | None) -> str:
+        """Patch then reboot a host in maintenance: `patch_seconds` when given, else the host's
+        own patch time (else 60 s), then the host's own reboot time (else 120 s)."""
         host = self.host(name)
         self.require_up(host)
         if not host["maintenance"]:
@@ -279,9 +294,11 @@ class World:
                 f"host {host['name']} must be in maintenance mode to reboot", target=host["name"]
             )
         self.require_no_job("reboot_host", host["name"])
+        if patch_seconds is None:
+            patch_seconds = _own(host, "patch_seconds", _PATCH_SECONDS)
         steps = [
             {"action": "patch", "seconds": max(0.0, patch_seconds)},
-            {"action": "boot", "seconds": _REBOOT_SECONDS},
+            {"action": "boot", "seconds": _own(host, "reboot_seconds", _REBOOT_SECONDS)},
         ]
         done = f"host {host['name']} patched and back up"
         cluster = self.cluster_of(host["name"])
@@ -353,3 +370,8 @@ class World:
         done = f"VM {vm['name']} is {state.value}"
         cluster = self.cluster_of(vm["host"])
         return self.submit(op, vm["id"], cluster, steps, noop=noop, done=done)
+
+
+def _own(host: JSON, key: str, default: float) -> float:
+    value = host.get(key)
+    return default if value is None else float(value)

@@ -64,6 +64,19 @@ def sim_group() -> None:
     help="Simulated seconds per real second; 0 = every job completes at once.",
 )
 @click.option(
+    "--patch-seconds",
+    "patch_span",
+    metavar="LOW[-HIGH]",
+    help="Each host's own simulated patch time, drawn from this range by --seed "
+    "(default: 60 s, or patcher.simulated.patch_seconds).",
+)
+@click.option(
+    "--reboot-seconds",
+    "reboot_span",
+    metavar="LOW[-HIGH]",
+    help="Each host's own simulated reboot time, drawn from this range by --seed (default 120).",
+)
+@click.option(
     "--from",
     "scenario",
     type=click.Path(exists=True, dir_okay=False),
@@ -79,12 +92,21 @@ def sim_init(
     stopped_ha: int,
     seed: int,
     speed: float,
+    patch_span: str | None,
+    reboot_span: str | None,
     scenario: str | None,
     force: bool,
 ) -> None:
     """Create simulated clusters in FILE (an SQLite database that processes share)."""
     from workflows.backends.simulated import SimulatedCluster
 
+    patch_seconds = _span(patch_span, "--patch-seconds")
+    reboot_seconds = _span(reboot_span, "--reboot-seconds")
+    if scenario and (patch_seconds or reboot_seconds):
+        raise errors.UsageError(
+            "--patch-seconds and --reboot-seconds make hosts; with --from, give each host "
+            "its patch_seconds and reboot_seconds in the scenario"
+        )
     if Path(path).exists() and not force:
         raise errors.UsageError(f"{path} already exists; pass --force to replace it")
     if non_ha + stopped_ha > vms:
@@ -102,10 +124,28 @@ def sim_init(
                 stopped_ha=stopped_ha,
                 seed=seed,
                 speed=speed,
+                patch_seconds=patch_seconds,
+                reboot_seconds=reboot_seconds,
             )
     except OSError as exc:
         raise errors.UsageError(f"cannot write {path}: {exc.strerror}") from exc
     click.echo(f"simulated cluster written to {path}")
+
+
+def _span(text: str | None, option: str) -> tuple[float, float] | None:
+    """`LOW-HIGH` or `N` seconds as a checked (low, high) range; None when not given."""
+    if text is None:
+        return None
+    low, _, high = text.partition("-")
+    try:
+        span = (float(low), float(high or low))
+    except ValueError:
+        raise errors.UsageError(
+            f"{option}: expected seconds as LOW-HIGH or N (e.g. 1200-2400), got {text!r}"
+        ) from None
+    from workflows.backends import simfaults
+
+    return simfaults.check_range(span, option)
 
 
 def _create_from(path: str, scenario: str, speed: float) -> None:
@@ -156,7 +196,7 @@ def _read_scenario(path: str) -> dict[str, Any]:
 @click.pass_obj
 def sim_show(app: App, path: str | None, cluster: str | None, as_json: bool) -> None:
     """Show the simulated clusters: hosts and VMs (one cluster), or a line per cluster (several),
-    and the operations done so far."""
+    and the operations done so far; --json adds the simulated clock (`clock.sim_time`)."""
     from workflows.backends.simulated import SimulatedCluster
 
     path = path or app.sim_file
@@ -165,7 +205,8 @@ def sim_show(app: App, path: str | None, cluster: str | None, as_json: bool) -> 
     sim = SimulatedCluster(path)
     try:
         if as_json:
-            emit({**sim.snapshot(cluster), "operations": sim.operations(cluster)})
+            operations = sim.operations(cluster)
+            emit({**sim.snapshot(cluster), "operations": operations, "clock": sim.clock()})
             return
         overview = sim.overview() if cluster is None else []
         if len(overview) > 1:

@@ -9,13 +9,16 @@ from workflows.backends import simulated as sim
 class SimulatedPatcher:
     """Implements `patchers.base.Patcher` over the simulator's `reboot_host` job.
 
-    The job installs a deterministic set of KBs for `patch_seconds` (simulated), then the host
-    reboots (not responding) and comes back Up. Its details carry `kbs`, `reboot` and `host`.
+    The job installs a deterministic set of KBs for `patch_seconds` (simulated; None: the
+    host's own patch time, else 60 s), then the host reboots (not responding, for the host's own
+    reboot time, else 120 s) and comes back Up. Its details carry `kbs`, `reboot` and `host`.
     """
 
     name = "simulated"
 
-    def __init__(self, cluster: sim.SimulatedCluster, *, patch_seconds: float = 60.0) -> None:
+    def __init__(
+        self, cluster: sim.SimulatedCluster, *, patch_seconds: float | None = None
+    ) -> None:
         self._cluster = cluster
         self._patch_seconds = patch_seconds
 
