@@ -29,6 +29,7 @@ NOT_FOR_STATUS = (
     "sqlalchemy.dialects.postgresql",
     "dateutil",
     "workflows.cycle",
+    "workflows.report",
 )
 
 

@@ -19,7 +19,6 @@ from workflows.cli.common import (
     pass_app,
 )
 from workflows.node_patch import STATES
-from workflows.report import past
 
 # ---- database ----------------------------------------------------------------------------
 
@@ -136,6 +135,8 @@ def past_runs(
     as_json: bool,
 ) -> None:
     """`runs --since`: cycles and node runs of the cluster, with outcome and duration."""
+    from workflows.report import past  # only for --since: status and runs never load it
+
     now = utcnow()
     runs = past.select(app.store.runs(state=state, limit=ALL), cluster, node, since)
     rows = [past.row(r, now) for r in runs]
