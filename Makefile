@@ -29,10 +29,12 @@ lint: install
 
 ## make bench: engine transitions/s next to the raw commit rate of the same database; a
 ## 16-node cycle, serial against --max-parallel auto, in simulated time (about a minute); every
-## benchmark merges its figures by name into bench.json at the repository root
+## benchmark merges its figures by name into bench.json at the repository root; the CLI's
+## start-up latency ratios (benchmarks/cli.py)
 bench: install
 	$(BIN)/python -m benchmarks.transitions
 	$(BIN)/python -m benchmarks.cycle
+	$(BIN)/python -m benchmarks.cli
 
 ## make mutate: mutation testing of store, context, plan and node_patch (cosmic-ray, SQLite,
 ## one mutant at a time, about 40 minutes; not in CI). Report: .mutation/report.txt

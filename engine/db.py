@@ -1,18 +1,24 @@
-"""Database connections and schema management (alembic is the only way the schema is created)."""
+"""Database connections and schema management (alembic is the only way the schema is created).
+
+Alembic is imported only when the schema must change or a mismatch be explained: a database at
+this build's head revision is recognised with one SELECT on `alembic_version` against the head
+read from the migration files (`head_revision`), so everyday commands never pay for alembic.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 
 from engine import errors
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -88,13 +94,37 @@ def _make_folder(path: Path) -> None:
 
 
 def alembic_config(engine: sa.Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
     return cfg
 
 
+_REVISION = re.compile(r"^(down_revision|revision)\s*=\s*(?:\"([^\"]*)\"|'([^']*)'|None)\s*$", re.M)
+
+
+@functools.cache
 def head_revision() -> str:
+    """This build's newest schema revision: the one migration no other revises, read from the
+    migration files (alembic's own answer when they do not make one plain chain)."""
+    revised: set[str] = set()
+    revisions: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        found = {m[1]: m[2] or m[3] for m in _REVISION.finditer(path.read_text("utf-8"))}
+        if "revision" not in found:
+            return _alembic_head()
+        revisions.add(found["revision"])
+        if found.get("down_revision"):
+            revised.add(found["down_revision"])
+    heads = revisions - revised
+    return heads.pop() if len(heads) == 1 else _alembic_head()
+
+
+def _alembic_head() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config(sa.create_engine("sqlite://")))
     head = script.get_current_head()
     assert head is not None
@@ -102,8 +132,18 @@ def head_revision() -> str:
 
 
 def current_revision(engine: sa.Engine) -> str | None:
-    with _reachable(engine) as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The database's schema revision (None: no nodepatch schema), read with one SELECT."""
+    with _reachable(engine) as raw:
+        conn = raw.execution_options(**{READ_ONLY: True})
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) > 1:  # several heads: alembic says what is wrong
+        from alembic.runtime.migration import MigrationContext
+
+        with _reachable(engine) as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    return str(rows[0]) if rows else None
 
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> str | None:
@@ -111,11 +151,15 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> str | None:
     before = current_revision(engine)
     if before is not None and before not in _known_revisions(engine):
         raise _too_new(before)
+    from alembic import command
+
     command.upgrade(alembic_config(engine), revision)
     return before
 
 
 def _known_revisions(engine: sa.Engine) -> set[str]:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config(engine))
     return {rev.revision for rev in script.walk_revisions()}
 

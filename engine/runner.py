@@ -13,14 +13,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine import errors, logcontext
 from engine.context import ProgressSink, StepContext
-from engine.machine import StateMachine
 from engine.model import Lease, Run, utcnow
 from engine.store import Store
 from engine.workflow import Advance, Sleep, StepResult, Wait, Workflow
+
+if TYPE_CHECKING:
+    from engine.machine import StateMachine
 
 log = logging.getLogger("nodepatch.engine")
 
@@ -98,7 +100,11 @@ class Runner:
         machine: StateMachine | None = None,
     ) -> None:
         self.store, self.workflow, self.settings = store, workflow, settings
-        self.machine = machine or StateMachine(workflow)
+        if machine is None:
+            from engine.machine import StateMachine  # transitions: only to drive a run
+
+            machine = StateMachine(workflow)
+        self.machine = machine
         self.actor, self.progress, self.sleep, self.now = actor, progress, sleep, now
         self.initial_states = initial_states or (lambda _name, _version: workflow.initial)
         self.stop_requested = threading.Event()

@@ -4,7 +4,8 @@ Building a SQLAlchemy statement and computing its cache key cost more than runni
 SQLite, so the store's frequent statements are built here once, with named bind parameters,
 and executed with a dict of values. SQLAlchemy computes each one's cache key once and compiles
 it once per dialect (the engine's compiled cache). Statements that differ per database (the
-one-statement load, the upsert) are held per dialect name.
+one-statement load, the upsert) are held per dialect name and built on first use, so a
+process on SQLite never imports SQLAlchemy's PostgreSQL dialect (a CLI start-up cost).
 
 Every statement that appends to a run's audit trail moves `run.audit_head` from the event's
 `prev_hash` to its `hash` under the guard `audit_head IS NOT DISTINCT FROM :prev_head`, so two
@@ -13,12 +14,29 @@ writers can never chain two events after the same one.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from engine import schema as t
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+S = TypeVar("S")
+
+
+class _PerDialect(dict[str, S]):
+    """Statements by dialect name, each built by its builder when first asked for."""
+
+    def __init__(self, **builders: Callable[[], S]) -> None:
+        super().__init__()
+        self._builders = builders
+
+    def __missing__(self, dialect: str) -> S:
+        self[dialect] = statement = self._builders[dialect]()
+        return statement
 
 
 def _p(name: str) -> sa.BindParameter[Any]:
@@ -85,16 +103,23 @@ _sqlite_data = (
 )
 # SQLite aggregates rows in the order of an ordered subquery (which it never flattens into an
 # aggregate); PostgreSQL is given the order inside the aggregate.
-load = {
-    "sqlite": _load(
+
+
+def _sqlite_load() -> sa.Select[Any]:
+    return _load(
         sa.select(sa.func.json_group_array(_sqlite_signals.c.name)).scalar_subquery(),
         sa.select(
             sa.func.json_group_array(
                 sa.func.json_array(_sqlite_data.c.key, sa.func.json(_sqlite_data.c.value))
             )
         ).scalar_subquery(),
-    ),
-    "postgresql": _load(
+    )
+
+
+def _postgresql_load() -> sa.Select[Any]:
+    from sqlalchemy.dialects import postgresql
+
+    return _load(
         sa.select(
             sa.func.coalesce(
                 sa.func.json_agg(postgresql.aggregate_order_by(_signals.name, _signals.id)),
@@ -117,8 +142,10 @@ load = {
         )
         .where(_data.run_id == _p("run_id"))
         .scalar_subquery(),
-    ),
-}
+    )
+
+
+load = _PerDialect(sqlite=_sqlite_load, postgresql=_postgresql_load)
 
 # ---- the run row --------------------------------------------------------------------------
 
@@ -235,7 +262,16 @@ def _publish(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
     )
 
 
-publish = {
-    "sqlite": _publish(sqlite.insert(t.published_data)),
-    "postgresql": _publish(postgresql.insert(t.published_data)),
-}
+def _sqlite_publish() -> sa.Insert:
+    from sqlalchemy.dialects import sqlite
+
+    return _publish(sqlite.insert(t.published_data))
+
+
+def _postgresql_publish() -> sa.Insert:
+    from sqlalchemy.dialects import postgresql
+
+    return _publish(postgresql.insert(t.published_data))
+
+
+publish = _PerDialect(sqlite=_sqlite_publish, postgresql=_postgresql_publish)

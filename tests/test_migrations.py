@@ -71,3 +71,26 @@ def test_unreachable_database_is_one_clear_error() -> None:
     eng = db.connect("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(errors.DatabaseError, match="cannot open database"):
         db.ensure_schema(eng, create_if_empty=False)
+
+
+def test_partial_indexes_carry_the_where_clause_schema_names(engine: sa.Engine) -> None:
+    """Each partial unique index that engine.schema names (its WHERE clause in `info`) exists
+    in the migrated database, unique, with that WHERE clause."""
+    partial = [
+        (table.name, index)
+        for table in schema.metadata.tables.values()
+        for index in table.indexes
+        if "where" in index.info
+    ]
+    assert len(partial) == 2
+    with engine.connect() as conn:
+        for table, index in partial:
+            if engine.dialect.name == "sqlite":
+                sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :name"
+            else:
+                sql = "SELECT indexdef FROM pg_indexes WHERE indexname = :name"
+            ddl = conn.execute(sa.text(sql), {"name": index.name}).scalar_one()
+            flat = "".join(c for c in ddl if c not in "()\"' ").lower().replace("::text", "")
+            assert flat.startswith("createuniqueindex") and table in flat, ddl
+            want = "".join(c for c in index.info["where"] if c not in "()\"' ").lower()
+            assert flat.split("where", 1)[1] == want, ddl

@@ -66,3 +66,43 @@ def test_timeouts_are_per_workflow_and_the_flat_keys_still_work() -> None:
         from_mapping({"timeouts_s": {"node_patch": {"Drain": 60}}})
     with pytest.raises(errors.ConfigError, match=r"timeouts_s\.cycle: unknown key"):
         from_mapping({"timeouts_s": {"cycle": {"Soak": 60}}})
+
+
+def test_the_defaults_without_a_file_are_an_empty_files() -> None:
+    """`load(None)` builds the defaults without the configuration models, and they are exactly
+    what an empty configuration file gives."""
+    assert settings.load(None) == settings.from_mapping({})
+    assert settings.load(None).runner == settings.from_mapping({}).runner
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"backend": {"kind": "vmm"}}, "backend.vmm: required"),
+        ({"patcher": {"kind": "reboot"}}, "patcher.reboot: required"),
+        ({"backend": {"kind": 3}}, "backend.kind: must be one of simulated, vmm, failover (got 3)"),
+        ({"policies": {"nonha": 1}}, "policies.nonha: unknown key (known: non_ha, stopped_ha,"),
+        ({"retries": {"backoff_s": 0}}, "retries.backoff_s: must be greater than 0 (got 0)"),
+        ({"database": 5}, "database: must be a string (got 5)"),
+        (
+            {"patcher": {"kind": "script", "script": {"connection": {"username": "u"}}}},
+            "patcher.script.connection.password_env: give password_env or password_file",
+        ),
+    ],
+)
+def test_the_models_errors_are_one_line_naming_the_key(
+    data: dict[str, object], message: str
+) -> None:
+    """Errors of the model tree (discriminated backends and patchers, unknown keys listing the
+    known ones, limits) read like the hand-written ones did: the dotted key, then what is wrong."""
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.from_mapping(data)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_database_password_is_kept_secret_in_the_model() -> None:
+    """A database URL (which may hold a password) is a SecretStr in the validated model."""
+    loaded = settings.from_mapping({"database": "postgresql://u:hunter2@db/n"})
+    assert loaded.database == "postgresql://u:hunter2@db/n"
+    assert "hunter2" not in repr(loaded.model)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from engine import errors
-from workflows.backends import base
+from workflows.backends import base, simfaults
 from workflows.backends.simulated import SimulatedCluster
 from workflows.patchers.simulated import SimulatedPatcher
 
@@ -632,3 +632,24 @@ def test_a_corrupt_state_file_is_a_backend_error(path: Path) -> None:
     path.write_text("{not json", encoding="utf-8")
     with pytest.raises(errors.BackendError, match="corrupt"):
         cluster.inventory("c1")
+
+
+def test_fault_kinds_are_one_model_each_and_agree_with_the_op_lists() -> None:
+    """The fault models (a union told apart by `type`) name the same ops the simulator fires
+    on, and normalise a fault: `times` filled in, a transient's `op` defaults to any."""
+    from typing import get_args
+
+    from workflows.backends import faultkinds
+
+    job_ops = set(get_args(faultkinds.JobOp))
+    assert job_ops == simfaults.JOB_OPS
+    call_ops = {op for arg in get_args(faultkinds.CallOp) for op in get_args(arg)}
+    assert call_ops == simfaults.CALL_OPS | {"any"}
+    assert simfaults.validate_fault({"type": "transient"}) == {
+        "type": "transient",
+        "op": "any",
+        "times": 1,
+    }
+    assert simfaults.validate_fault({"type": "auth_fails"})["times"] is None
+    with pytest.raises(errors.UsageError, match=r"fault\.times: expected a positive integer"):
+        simfaults.validate_fault({"type": "auth_fails", "times": True})

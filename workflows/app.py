@@ -8,23 +8,28 @@ import shlex
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 
 from engine import db, errors
 from engine.context import ProgressSink
-from engine.machine import StateMachine
 from engine.model import Run
 from engine.registry import Registry
-from engine.runner import Runner
 from engine.store import Store
-from engine.workflow import Workflow
 from workflows.backends.base import ClusterBackend
-from workflows.cycle.params import CLUSTER_CYCLE
 from workflows.node_patch import NODE_PATCH, NodePatch
 from workflows.patchers.base import Patcher
 from workflows.settings import Settings
+
+CLUSTER_CYCLE = "cluster_cycle"
+"""workflows.cycle.params.CLUSTER_CYCLE, named here so that commands that never drive a cycle
+do not import it (and dateutil); tests/test_cli_fast.py checks that the two agree."""
+
+if TYPE_CHECKING:
+    from engine.machine import StateMachine
+    from engine.runner import Runner
+    from engine.workflow import Workflow
 
 
 def actor() -> str:
@@ -203,6 +208,8 @@ class App:
 
     def runner(self, name: str = NODE_PATCH, version: int = 1) -> Runner:
         """A runner for new runs of workflow `name`."""
+        from engine.runner import Runner
+
         workflow = self.registry.get(name, version)
         return Runner(
             self.store,
@@ -222,6 +229,8 @@ class App:
     def _machine(self, workflow: Workflow) -> StateMachine:
         key = (workflow.name, workflow.version)
         if key not in self._machines:
+            from engine.machine import StateMachine  # transitions: only to drive a run
+
             self._machines[key] = StateMachine(workflow)
         return self._machines[key]
 

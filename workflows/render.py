@@ -1,9 +1,14 @@
-"""Human output: plain tables for terminals. Machines use --json instead."""
+"""Human output: tables and report lines. Machines use --json instead.
+
+A `Table` prints as plain aligned text (`str(table)`: pipes, files, tests); on a terminal
+`workflows.terminal.echo` draws it with rich instead.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from engine.model import Event, JournalEntry, Run, utcnow
@@ -20,12 +25,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Table:
+    """Headers, rows of cells and an optional note under the table."""
+
+    headers: tuple[str, ...]
+    rows: Sequence[Sequence[Any]]
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = table(self.headers, self.rows)
+        return f"{text}\n{self.note}" if self.note else text
+
+    def cells(self) -> list[list[str]]:
+        return [[_cell(v) for v in row] for row in self.rows]
+
+
 def _cell(value: Any) -> str:
     text = "" if value is None else str(value)
     return text.replace("\n", "\\n").replace("\r", "\\r")
 
 
-def plan_table(snapshot: Mapping[str, Any]) -> str:
+def plan_table(snapshot: Mapping[str, Any]) -> Table:
     rows = [
         (
             vm["name"],
@@ -38,10 +59,10 @@ def plan_table(snapshot: Mapping[str, Any]) -> str:
         )
         for vm in snapshot["vms"]
     ]
-    text = table(("VM", "ID", "HA", "STATE", "MEMORY_MB", "ACTION", "TARGET"), rows)
+    note = ""
     if any(vm["action"] == LIVE_MIGRATE for vm in snapshot["vms"]):
-        text += "\n~ the cluster picks live-migration targets itself: the capacity check's estimate"
-    return text
+        note = "~ the cluster picks live-migration targets itself: the capacity check's estimate"
+    return Table(("VM", "ID", "HA", "STATE", "MEMORY_MB", "ACTION", "TARGET"), rows, note)
 
 
 LIVE_MIGRATE = "live-migrate"
@@ -51,7 +72,7 @@ def _estimated(vm: Mapping[str, Any]) -> str:
     return f"~{vm['target']}" if vm.get("target") else ""
 
 
-def vm_report(published: Mapping[str, Any]) -> str | None:
+def vm_report(published: Mapping[str, Any]) -> Table | None:
     """The per-VM table: VM, from, to, action, outcome."""
     report = published.get("rebalance")
     if report is None:
@@ -61,7 +82,7 @@ def vm_report(published: Mapping[str, Any]) -> str | None:
         drained = published.get("drained")
         report = [_before_rebalance(vm, drained) for vm in snapshot["vms"]]
     rows = [(r["name"], r["id"], r["from"], r["to"], r["action"], r["outcome"]) for r in report]
-    return table(("VM", "ID", "FROM", "TO", "ACTION", "OUTCOME"), rows)
+    return Table(("VM", "ID", "FROM", "TO", "ACTION", "OUTCOME"), rows)
 
 
 def _before_rebalance(vm: Mapping[str, Any], drained: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -148,7 +169,7 @@ def durations(events: Sequence[Event], now: dt.datetime, final: bool) -> list[di
     return out
 
 
-def durations_table(stays: Sequence[Mapping[str, Any]]) -> str:
+def durations_table(stays: Sequence[Mapping[str, Any]]) -> Table:
     rows = [
         (
             s["state"],
@@ -157,7 +178,7 @@ def durations_table(stays: Sequence[Mapping[str, Any]]) -> str:
         )
         for s in stays
     ]
-    return table(("STATE", "ENTERED (UTC)", "FOR"), rows)
+    return Table(("STATE", "ENTERED (UTC)", "FOR"), rows)
 
 
 def _human(seconds: float) -> str:
@@ -177,7 +198,7 @@ def patch_line(published: Mapping[str, Any]) -> str | None:
     return f"patched with {patch.get('patcher')}: updates {kbs}{rebooted}"
 
 
-def journal_table(entries: Sequence[JournalEntry]) -> str:
+def journal_table(entries: Sequence[JournalEntry]) -> Table:
     rows = [
         (
             f"{e.created_at:%H:%M:%S}" if e.created_at else "",
@@ -190,7 +211,7 @@ def journal_table(entries: Sequence[JournalEntry]) -> str:
         )
         for e in entries
     ]
-    return table(("STARTED", "UPDATED", "JOB", "TRY", "STATUS", "REFERENCE", "MESSAGE"), rows)
+    return Table(("STARTED", "UPDATED", "JOB", "TRY", "STATUS", "REFERENCE", "MESSAGE"), rows)
 
 
 def run_summary(run: Run) -> str:
@@ -204,7 +225,7 @@ def run_summary(run: Run) -> str:
     return "\n".join(lines)
 
 
-def runs_table(runs: Sequence[Run]) -> str:
+def runs_table(runs: Sequence[Run]) -> Table:
     rows = [
         (
             r.id,
@@ -216,10 +237,10 @@ def runs_table(runs: Sequence[Run]) -> str:
         )
         for r in runs
     ]
-    return table(("RUN", "CLUSTER/NODE", "STATE", "CREATED (UTC)", "BY", "ERROR"), rows)
+    return Table(("RUN", "CLUSTER/NODE", "STATE", "CREATED (UTC)", "BY", "ERROR"), rows)
 
 
-def history_table(events: Sequence[Event]) -> str:
+def history_table(events: Sequence[Event]) -> Table:
     rows = []
     for e in events:
         what = f"{e.from_state or ''} -> {e.to_state}" if e.kind == "transition" else ""
@@ -238,7 +259,7 @@ def history_table(events: Sequence[Event]) -> str:
         rows.append(
             (f"{e.occurred_at:%Y-%m-%d %H:%M:%S}", e.kind, e.trigger or "", what, e.actor, detail)
         )
-    return table(("TIME (UTC)", "KIND", "TRIGGER", "TRANSITION", "ACTOR", "DETAIL"), rows)
+    return Table(("TIME (UTC)", "KIND", "TRIGGER", "TRANSITION", "ACTOR", "DETAIL"), rows)
 
 
 def run_json(run: Run, published: Mapping[str, Any], stopped: str | None = None) -> dict[str, Any]:

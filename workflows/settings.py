@@ -1,38 +1,32 @@
 """Configuration: YAML, validated once at the edge into frozen Settings.
 
-Errors name the bad key (`policies.non_ha: must be one of block, save, shutdown, migrate`).
-Secrets never live here: connection passwords come from an environment variable or a file
-(see workflows/backends/connection.py).
+The keys, types and limits are the pydantic models of `workflows.config` (imported only when a
+file is read: the defaults need no pydantic). Errors name the bad key (`policies.non_ha: must be
+one of block, save, shutdown, migrate`). Secrets never live here: connection passwords come from
+an environment variable or a file (see workflows/backends/connection.py).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-import yaml
 
 from engine import errors
 from engine.runner import RunnerSettings
 from workflows import plan as planning
-from workflows.cycle import config as cycle_config
 from workflows.node_patch import NODE_PATCH, STATES
 
+if TYPE_CHECKING:
+    from workflows import config
+
 BACKENDS = ("simulated", "vmm", "failover")
-PATCHERS = (
-    "auto",
-    "simulated",
-    "external",
-    "windows-update",
-    "script",
-    "reboot",
-    "configmgr",
-)
+PATCHERS = ("auto", "simulated", "external", "windows-update", "script", "reboot", "configmgr")
 CONNECTED_BACKENDS = ("vmm", "failover")
 REMOTE_PATCHERS = ("windows-update", "script", "reboot", "configmgr")
 
@@ -60,6 +54,8 @@ class Settings:
     log_file: str | None = None
     cycle: Mapping[str, Any] = field(default_factory=dict)  # CycleParams field defaults
     webhooks: tuple[Webhook, ...] = ()
+    model: config.Config | None = field(default=None, repr=False, compare=False)
+    """The validated configuration file (None: no file, every default)."""
 
     def runner_for(self, workflow: str) -> RunnerSettings:
         """The engine settings of one workflow: its own step timeouts over the defaults."""
@@ -74,36 +70,17 @@ class Settings:
         return "simulated" if self.backend == "simulated" else "external"
 
 
-_SCHEMA: dict[str, Any] = {
-    "database": str,
-    "backend": {"kind": str, "simulated": {"file": str}, "vmm": dict, "failover": dict},
-    "policies": {"non_ha": str, "stopped_ha": str, "rebalance_concurrency": int},
-    "patcher": {
-        "kind": str,
-        "simulated": {"patch_seconds": float},
-        "windows-update": dict,
-        "script": dict,
-        "reboot": dict,
-        "configmgr": dict,
-    },
-    "engine": {"lease_ttl_s": float, "poll_interval_s": float},
-    "timeouts_s": dict,
-    "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
-    "log": {"file": str},
-    "cycle": dict,
-    "webhooks": list,
-}
-
-
 def load(path: str | None) -> Settings:
     """Settings from a YAML file (or defaults when path is None). Relative paths in the file
     are relative to the file's folder."""
     if path is None:
-        return from_mapping({})
+        return defaults()
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise errors.ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
+    import yaml  # only when a file is read
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -160,92 +137,54 @@ def _anchored_url(url: str, folder: Path) -> str:
     return parsed.set(database=str(folder / name)).render_as_string(hide_password=False)
 
 
-def _check(data: Any, schema: Any, where: str) -> None:
-    if isinstance(schema, dict):
-        if not isinstance(data, dict):
-            raise errors.ConfigError(f"{where or 'configuration'}: must be a mapping")
-        for key, value in data.items():
-            path = f"{where}.{key}" if where else str(key)
-            if key not in schema:
-                known = ", ".join(schema)
-                raise errors.ConfigError(f"{path}: unknown key (known: {known})")
-            _check(value, schema[key], path)
-        return
-    if schema is float and isinstance(data, int) and not isinstance(data, bool):
-        return
-    if not isinstance(data, schema) or (schema is int and isinstance(data, bool)):
-        kind = {
-            str: "a string",
-            int: "an integer",
-            float: "a number",
-            dict: "a mapping",
-            list: "a list",
-        }[schema]
-        raise errors.ConfigError(f"{where}: must be {kind} (got {data!r})")
-
-
-def _choice(value: str, choices: tuple[str, ...] | type[Any], where: str) -> str:
-    options = tuple(str(c) for c in choices)
-    if value not in options:
-        raise errors.ConfigError(f"{where}: must be one of {', '.join(options)} (got {value!r})")
-    return value
-
-
-def _positive(value: float, where: str) -> float:
-    if value <= 0:
-        raise errors.ConfigError(f"{where}: must be greater than 0 (got {value!r})")
-    return value
+def defaults() -> Settings:
+    """The settings of an empty configuration, without loading the configuration's models
+    (tests/test_settings.py checks that they are what an empty file gives)."""
+    return Settings(runner=RunnerSettings(timeouts_s=dict(DEFAULT_TIMEOUTS)))
 
 
 def from_mapping(data: Mapping[str, Any]) -> Settings:
-    _check(dict(data), _SCHEMA, "")
-    backend = data.get("backend", {})
-    policies = data.get("policies", {})
-    patcher = data.get("patcher", {})
-    eng = data.get("engine", {})
-    retries = data.get("retries", {})
-    timeouts = _timeouts(data.get("timeouts_s", {}))
-    kind = _choice(backend.get("kind", "simulated"), BACKENDS, "backend.kind")
+    """Settings from a configuration document, validated by `workflows.config.Config`."""
+    from workflows import config
+    from workflows.cycle import config as cycle_config
+
+    model: config.Config = config.validate(dict(data))
+    backend, patcher = model.backend, model.patcher
+    raw_backend = data.get("backend") or {}
+    raw_patcher = data.get("patcher") or {}
+    timeouts = _timeouts(model.timeouts_s)
     runner = RunnerSettings(
-        lease_ttl_s=_positive(float(eng.get("lease_ttl_s", 30)), "engine.lease_ttl_s"),
-        poll_interval_s=_positive(float(eng.get("poll_interval_s", 2)), "engine.poll_interval_s"),
-        timeouts_s={**DEFAULT_TIMEOUTS, **timeouts.get(NODE_PATCH, {})},
-        retry_attempts=int(_positive(retries.get("attempts", 3), "retries.attempts")),
-        retry_backoff_s=_positive(float(retries.get("backoff_s", 5)), "retries.backoff_s"),
-        retry_backoff_max_s=_positive(
-            float(retries.get("backoff_max_s", 120)), "retries.backoff_max_s"
-        ),
+        lease_ttl_s=model.engine.lease_ttl_s,
+        poll_interval_s=model.engine.poll_interval_s,
+        timeouts_s={**DEFAULT_TIMEOUTS, **timeouts},
+        retry_attempts=model.retries.attempts,
+        retry_backoff_s=model.retries.backoff_s,
+        retry_backoff_max_s=model.retries.backoff_max_s,
     )
-    patcher_kind = _choice(patcher.get("kind", "auto"), PATCHERS, "patcher.kind")
-    _check_remote_blocks(backend, kind, patcher, patcher_kind)
     return Settings(
-        database=data.get("database") or default_database(),
-        backend=kind,
-        sim_file=backend.get("simulated", {}).get("file"),
-        connection=backend.get(kind, {}) if kind != "simulated" else {},
-        policies=planning.Policies(
-            planning.NonHaPolicy(
-                _choice(policies.get("non_ha", "block"), planning.NonHaPolicy, "policies.non_ha")
-            ),
-            planning.StoppedHaPolicy(
-                _choice(
-                    policies.get("stopped_ha", "leave"),
-                    planning.StoppedHaPolicy,
-                    "policies.stopped_ha",
-                )
-            ),
-        ),
-        concurrency=int(
-            _positive(policies.get("rebalance_concurrency", 2), "policies.rebalance_concurrency")
-        ),
-        patcher=patcher_kind,
-        patcher_options=patcher.get(patcher_kind, {}) if patcher_kind != "auto" else {},
+        database=model.database.get_secret_value() if model.database else default_database(),
+        backend=backend.kind,
+        sim_file=backend.simulated.file if backend.simulated else None,
+        connection=raw_backend.get(backend.kind, {}) if backend.kind != "simulated" else {},
+        policies=planning.Policies(model.policies.non_ha, model.policies.stopped_ha),
+        concurrency=model.policies.rebalance_concurrency,
+        patcher=patcher.kind,
+        patcher_options=raw_patcher.get(patcher.kind, {}) if patcher.kind != "auto" else {},
         runner=runner,
-        timeouts_s=timeouts,
-        log_file=data.get("log", {}).get("file"),
-        cycle=cycle_config.defaults(data.get("cycle")),
-        webhooks=_webhooks(data.get("webhooks", [])),
+        timeouts_s=_per_workflow(model.timeouts_s, timeouts),
+        log_file=model.log.file,
+        cycle=cycle_config.defaults(model.cycle),
+        webhooks=_webhooks(model.webhooks),
+        model=model,
     )
+
+
+def _per_workflow(model: config.Timeouts, node_patch: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {NODE_PATCH: node_patch} if node_patch else {}
+    cycle = model.cluster_cycle
+    if cycle is not None and cycle.model_fields_set:
+        out["cluster_cycle"] = {state: getattr(cycle, state) for state in cycle.model_fields_set}
+    return out
 
 
 STEPPED = {  # the states with a step, by workflow
@@ -254,52 +193,15 @@ STEPPED = {  # the states with a step, by workflow
 }
 
 
-def _timeouts(data: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """`timeouts_s.<workflow>.<State>` (the flat `timeouts_s.<State>` of node_patch still
-    works): seconds a step may take."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in data.items():
-        where = f"timeouts_s.{key}"
-        if key in STEPPED and isinstance(value, Mapping):
-            for state, seconds in value.items():
-                _timeout_key(out, key, state, seconds, f"{where}.{state}")
-        elif key in STEPPED[NODE_PATCH]:
-            _timeout_key(out, NODE_PATCH, key, value, where)
-        else:
-            raise errors.ConfigError(
-                f"{where}: unknown key (known: a workflow, {', '.join(STEPPED)}, with its "
-                f"states; or one of {', '.join(STEPPED[NODE_PATCH])} for {NODE_PATCH})"
-            )
-    return out
-
-
-def _timeout_key(
-    out: dict[str, dict[str, float]], workflow: str, state: Any, seconds: Any, where: str
-) -> None:
-    if state not in STEPPED[workflow]:
-        known = ", ".join(STEPPED[workflow])
-        raise errors.ConfigError(f"{where}: unknown state (known: {known})")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise errors.ConfigError(f"{where}: must be a number (got {seconds!r})")
-    out.setdefault(workflow, {})[state] = _positive(float(seconds), where)
-
-
-def _check_remote_blocks(
-    backend: Mapping[str, Any], kind: str, patcher: Mapping[str, Any], patcher_kind: str
-) -> None:
-    """The connection blocks of the backend and the patchers, checked now like every other key;
-    only their secrets wait until a command uses them."""
-    from workflows.backends import connection
-
-    for name in CONNECTED_BACKENDS:
-        if name in backend or name == kind:
-            connection.validate(backend.get(name, {}), f"backend.{name}")
-    remote_blocks = [p for p in REMOTE_PATCHERS if p in patcher or p == patcher_kind]
-    if remote_blocks:
-        from workflows.patchers import remote  # pypsrp: imported only when configured
-
-        for name in remote_blocks:
-            remote.validate(patcher.get(name, {}), f"patcher.{name}")
+def _timeouts(model: config.Timeouts) -> dict[str, float]:
+    """node_patch's step timeouts the file sets: `timeouts_s.node_patch.<State>`, or the flat
+    `timeouts_s.<State>` (the nested form wins when both are given)."""
+    nested = model.node_patch
+    flat = {state: getattr(model, state) for state in STEPPED[NODE_PATCH]}
+    chosen = {state: flat[state] for state in model.model_fields_set if state in flat}
+    if nested is not None:
+        chosen |= {state: getattr(nested, state) for state in nested.model_fields_set}
+    return chosen
 
 
 DEFAULT_TIMEOUTS = {
@@ -333,60 +235,28 @@ class Webhook:
     format: str
 
 
-_WEBHOOK: dict[str, Any] = {
-    "name": str,
-    "url": str,
-    "url_env": str,
-    "events": list,
-    "secret_env": str,
-    "secret_file": str,
-    "timeout_s": float,
-    "max_attempts": int,
-    "backoff_s": float,
-    "backoff_max_s": float,
-    "format": str,
-}
-WEBHOOK_FORMATS = ("json", "slack", "teams")
+def _webhooks(found: Sequence[config.Webhook]) -> tuple[Webhook, ...]:
+    """The validated `webhooks:` list (workflows.config.Webhook), each with its name."""
+    from workflows import webhooks
 
-
-def _webhooks(data: list[Any]) -> tuple[Webhook, ...]:
-    found = tuple(_webhook(w, f"webhooks[{i}]") for i, w in enumerate(data))
-    names = [w.name for w in found]
+    hooks = tuple(
+        Webhook(
+            name=w.name or webhooks.default_name(w.url, w.url_env),
+            url=w.url,
+            url_env=w.url_env,
+            events=tuple(w.events),
+            secret_env=w.secret_env,
+            secret_file=w.secret_file,
+            timeout_s=w.timeout_s,
+            max_attempts=w.max_attempts,
+            backoff_s=w.backoff_s,
+            backoff_max_s=w.backoff_max_s,
+            format=w.format,
+        )
+        for w in found
+    )
+    names = [w.name for w in hooks]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise errors.ConfigError(f"webhooks[{i}].name: {name!r} is used twice; names differ")
-    return found
-
-
-def _webhook(data: Any, where: str) -> Webhook:
-    from workflows import webhooks
-
-    _check(data, _WEBHOOK, where)
-    if ("url" in data) == ("url_env" in data):
-        raise errors.ConfigError(f"{where}: give exactly one of url, url_env")
-    if "secret_env" in data and "secret_file" in data:
-        raise errors.ConfigError(f"{where}: give at most one of secret_env, secret_file")
-    url = data.get("url")
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise errors.ConfigError(f"{where}.url: must start with http:// or https://")
-    events = tuple(data.get("events", ["*"]))
-    for i, pattern in enumerate(events):
-        if not isinstance(pattern, str) or not webhooks.matches_any(pattern):
-            raise errors.ConfigError(
-                f"{where}.events[{i}]: {pattern!r} names no event (known: "
-                f"{', '.join(webhooks.EVENT_NAMES)}; * matches any part)"
-            )
-    name = data.get("name") or webhooks.default_name(url, data.get("url_env"))
-    return Webhook(
-        name=name,
-        url=url,
-        url_env=data.get("url_env"),
-        events=events,
-        secret_env=data.get("secret_env"),
-        secret_file=data.get("secret_file"),
-        timeout_s=_positive(float(data.get("timeout_s", 10)), f"{where}.timeout_s"),
-        max_attempts=int(_positive(data.get("max_attempts", 10), f"{where}.max_attempts")),
-        backoff_s=_positive(float(data.get("backoff_s", 5)), f"{where}.backoff_s"),
-        backoff_max_s=_positive(float(data.get("backoff_max_s", 900)), f"{where}.backoff_max_s"),
-        format=_choice(data.get("format", "json"), WEBHOOK_FORMATS, f"{where}.format"),
-    )
+    return hooks

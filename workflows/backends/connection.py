@@ -1,7 +1,8 @@
 """How to reach a Windows endpoint over PSRP (WinRM): validated, frozen connection settings.
 
 `from_mapping` turns one `backend.<name>` block of the configuration into `ConnectionSettings`
-and raises `engine.errors.ConfigError` naming the offending key. Passwords are never written in
+(the keys and their checks are `workflows.config.Connection`) and raises
+`engine.errors.ConfigError` naming the offending key. Passwords are never written in
 the configuration: they come from an environment variable (`password_env`) or a file
 (`password_file`), and they never appear in `repr`, `str`, logs or error messages.
 """
@@ -9,25 +10,12 @@ the configuration: they come from an environment variable (`password_env`) or a 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 from engine import errors
 
-AUTH_METHODS = ("negotiate", "kerberos", "credssp", "ntlm", "basic")
-ENCRYPTION_MODES = ("auto", "always", "never")
-LOOPBACK_NAMES = ("localhost",)
-
-_STR_KEYS = ("server", "username", "password_env", "password_file", "ca_bundle", "auth")
-_OPTIONAL_STR_KEYS = ("configuration_name", "encryption")
-_BOOL_KEYS = ("ssl", "cert_validation", "allow_insecure_basic", "negotiate_delegate")
-_INT_KEYS = ("port",)
-_FLOAT_KEYS = ("operation_timeout_s", "connection_timeout_s", "read_timeout_s")
-KNOWN_KEYS = frozenset(
-    (*_STR_KEYS, *_OPTIONAL_STR_KEYS, *_BOOL_KEYS, *_INT_KEYS, *_FLOAT_KEYS, "password")
-)
 # Keys of a `backend.<name>` block that are backend options, not connection settings.
 BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
     "vmm": ("dynamic_memory", "vm_path"),
@@ -43,16 +31,6 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')"
-
-
-def is_loopback(server: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost: the only places the test-only knob is allowed."""
-    if server.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(server).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +61,6 @@ class ConnectionSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.password, Secret):
             object.__setattr__(self, "password", Secret(self.password))
-        _check_combination(self, "connection")
 
     @property
     def effective_port(self) -> int:
@@ -132,22 +109,6 @@ class ConnectionSettings:
         }
 
 
-def _check_combination(s: ConnectionSettings, where: str) -> None:
-    if s.auth not in AUTH_METHODS:
-        raise errors.ConfigError(f"{where}.auth: must be one of {', '.join(AUTH_METHODS)}")
-    if s.allow_insecure_basic and not is_loopback(s.server):
-        raise errors.ConfigError(
-            f"{where}.allow_insecure_basic: test-only, refused for non-loopback server {s.server!r}"
-        )
-    if s.auth == "basic" and not s.ssl and not s.allow_insecure_basic:
-        raise errors.ConfigError(f"{where}.auth: basic is only allowed with ssl: true")
-    if s.port is not None and not 0 < s.port < 65536:
-        raise errors.ConfigError(f"{where}.port: must be between 1 and 65535")
-    for name in _FLOAT_KEYS:
-        if getattr(s, name) <= 0:
-            raise errors.ConfigError(f"{where}.{name}: must be positive")
-
-
 def backend_options(data: Mapping[str, object], where: str) -> dict[str, Any]:
     """The validated backend options of a `backend.<name>` block (see BACKEND_OPTIONS)."""
     name = where.rsplit(".", 1)[-1]
@@ -186,95 +147,46 @@ def from_mapping(
     data: Mapping[str, object], where: str, environ: Mapping[str, str]
 ) -> ConnectionSettings:
     """Validate one configuration block (e.g. `backend.vmm`) into ConnectionSettings."""
+    from workflows import config
+
     if where.startswith("backend."):
         backend_options(data, where)
-    values = _checked_values(_connection_part(data, where), where)
-    return _settings(values, _resolve_password(values, where, environ), where)
+    model = config.validate(_connection_part(data, where), config.Connection, where)
+    return from_model(model, where, environ)
 
 
 def validate(data: Mapping[str, object], where: str) -> None:
     """Everything `from_mapping` checks except the secret itself, which is read only when the
     connection is used (so a password variable set only for `start` does not fail `runs`)."""
+    from workflows import config
+
     if where.startswith("backend."):
         backend_options(data, where)
-    values = _checked_values(_connection_part(data, where), where)
-    _password_source(values, where)
-    _settings(values, Secret(""), where)
+    config.validate(_connection_part(data, where), config.Connection, where)
 
 
-def _checked_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
-    if "password" in data:
-        raise errors.ConfigError(
-            f"{where}.password: passwords are not allowed in the configuration; "
-            "use password_env (an environment variable name) or password_file (a path)"
-        )
-    unknown = sorted(set(data) - KNOWN_KEYS, key=str)
-    if unknown:
-        raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
-    values = _typed_values(data, where)
-    for required in ("server", "username"):
-        if required == "username" and values.get("auth") == "kerberos":
-            continue  # the principal of the credential cache (kinit, keytab)
-        if not values.get(required):
-            raise errors.ConfigError(f"{where}.{required}: required")
-    encryption = values.pop("encryption", None)
-    if encryption is not None and encryption not in ENCRYPTION_MODES:
-        raise errors.ConfigError(
-            f"{where}.encryption: must be one of {', '.join(ENCRYPTION_MODES)}"
-        )
-    if encryption == "never":
-        values["allow_insecure_basic"] = True
-    return values
+def from_model(model: Any, where: str, environ: Mapping[str, str]) -> ConnectionSettings:
+    """ConnectionSettings from a validated `workflows.config.Connection`, its secret read now."""
+    return ConnectionSettings(
+        server=model.server,
+        username=model.username or "",
+        password=_resolve_password(model, where, environ),
+        port=model.port,
+        ssl=model.ssl,
+        cert_validation=model.cert_validation,
+        ca_bundle=model.ca_bundle,
+        auth=model.auth,
+        configuration_name=model.configuration_name,
+        operation_timeout_s=model.operation_timeout_s,
+        connection_timeout_s=model.connection_timeout_s,
+        read_timeout_s=model.read_timeout_s,
+        allow_insecure_basic=model.allow_insecure_basic or model.encryption == "never",
+        negotiate_delegate=model.negotiate_delegate,
+    )
 
 
-def _settings(values: dict[str, Any], password: Secret, where: str) -> ConnectionSettings:
-    try:
-        return ConnectionSettings(password=password, **values)
-    except errors.ConfigError as exc:
-        raise errors.ConfigError(str(exc).replace("connection.", f"{where}.", 1)) from None
-
-
-def _typed_values(data: Mapping[str, object], where: str) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        values[key] = _check_type(key, value, where)
-    return values
-
-
-def _check_type(key: str, value: object, where: str) -> object:
-    if key in _OPTIONAL_STR_KEYS and value is None:
-        return None
-    if key in _STR_KEYS or key in _OPTIONAL_STR_KEYS:
-        if not isinstance(value, str):
-            raise errors.ConfigError(f"{where}.{key}: must be a string")
-    elif key in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise errors.ConfigError(f"{where}.{key}: must be true or false")
-    elif key in _INT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise errors.ConfigError(f"{where}.{key}: must be an integer")
-    elif key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise errors.ConfigError(f"{where}.{key}: must be a number of seconds")
-        return float(value)
-    return value
-
-
-def _password_source(values: dict[str, Any], where: str) -> tuple[str | None, str | None]:
-    """Pop and check (password_env, password_file): one of them, unless Kerberos needs neither."""
-    env_name = values.pop("password_env", None)
-    file_name = values.pop("password_file", None)
-    if env_name and file_name:
-        raise errors.ConfigError(
-            f"{where}.password_env: give password_env or password_file, not both"
-        )
-    if not env_name and not file_name and values.get("auth", "negotiate") != "kerberos":
-        raise errors.ConfigError(f"{where}.password_env: give password_env or password_file")
-    return env_name, file_name
-
-
-def _resolve_password(values: dict[str, Any], where: str, environ: Mapping[str, str]) -> Secret:
-    env_name, file_name = _password_source(values, where)
+def _resolve_password(model: Any, where: str, environ: Mapping[str, str]) -> Secret:
+    env_name, file_name = model.password_env, model.password_file
     if env_name:
         if env_name not in environ:
             raise errors.ConfigError(

@@ -34,19 +34,6 @@ JOB_OPS = frozenset(
 CALL_OPS = JOB_OPS | {"inventory", "job", "find_job"}
 HOST_JOB_OPS = frozenset({"enter_maintenance", "exit_maintenance", "reboot_host"})
 
-# type -> (required keys, optional keys, default times)
-_FAULTS: dict[str, tuple[frozenset[str], frozenset[str], int | None]] = {
-    "job_fails": (frozenset({"op"}), frozenset({"target"}), 1),
-    "job_hangs": (frozenset({"op"}), frozenset({"target"}), 1),
-    "migration_fails": (frozenset({"vm"}), frozenset(), 1),
-    "host_never_returns": (frozenset({"host"}), frozenset(), 1),
-    "delete_vm": (frozenset({"vm", "on"}), frozenset(), 1),
-    "move_vm": (frozenset({"vm", "to", "on"}), frozenset(), 1),
-    "set_state": (frozenset({"vm", "state", "on"}), frozenset(), 1),
-    "transient": (frozenset(), frozenset({"op"}), 1),
-    "auth_fails": (frozenset(), frozenset(), None),
-    "storage_repair": (frozenset(), frozenset({"disk"}), 1),
-}
 _SIDE_EFFECTS = frozenset({"delete_vm", "move_vm", "set_state"})
 _HOST_STATES = frozenset(s.value for s in base.HostState)
 _POWER_STATES = frozenset(s.value for s in base.PowerState)
@@ -83,6 +70,14 @@ def _get(
 def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping):
         raise _fail(where, f"expected a mapping, got {obj!r}")
+    _string_keys(obj, where)
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r}")
+    return obj
+
+
+def _string_keys(obj: Mapping[Any, Any], where: str) -> None:
     odd = [key for key in obj if not isinstance(key, str)]
     if odd:
         raise _fail(
@@ -90,10 +85,6 @@ def _check_keys(obj: Any, allowed: frozenset[str], where: str) -> Mapping[str, A
             f"key {odd[0]!r} is not a string (unquoted in YAML, true, false, on, off, yes "
             "and no are booleans: quote the key)",
         )
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise _fail(where, f"unknown key {unknown[0]!r}")
-    return obj
 
 
 def _one_of(value: str, allowed: frozenset[str], where: str) -> str:
@@ -106,34 +97,17 @@ def _one_of(value: str, allowed: frozenset[str], where: str) -> str:
 
 
 def validate_fault(raw: Any, where: str = "fault") -> JSON:
-    """A normalized copy of one fault dict (with `times` filled in), or UsageError."""
+    """A normalized copy of one fault dict (with `times` filled in), or UsageError. The fault
+    kinds and their keys are the models of `workflows.backends.faultkinds`."""
     if not isinstance(raw, Mapping) or not isinstance(raw.get("type"), str):
         raise _fail(where, f"a fault needs a string 'type', got {raw!r}")
-    kind = _one_of(raw["type"], frozenset(_FAULTS), f"{where}.type")
-    required, optional, default_times = _FAULTS[kind]
-    obj = _check_keys(raw, required | optional | {"type", "times"}, where)
-    fault: JSON = {"type": kind}
-    for key in sorted(required | optional):
-        if key in required or key in obj:
-            fault[key] = _get(obj, key, str, where)
-    times = obj.get("times", default_times)
-    if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
-        raise _fail(f"{where}.times", f"expected a positive integer or null, got {times!r}")
-    fault["times"] = times
-    _check_fault_values(fault, where)
-    return fault
+    _string_keys(raw, where)
+    from workflows.backends import faultkinds  # pydantic: only when a fault is checked
 
-
-def _check_fault_values(fault: JSON, where: str) -> None:
-    if fault["type"] == "transient":
-        fault.setdefault("op", "any")
-        _one_of(fault["op"], CALL_OPS | {"any"}, f"{where}.op")
-    elif "op" in fault:
-        _one_of(fault["op"], JOB_OPS, f"{where}.op")
-    if "on" in fault:
-        _one_of(fault["on"], JOB_OPS, f"{where}.on")
-    if "state" in fault:
-        _one_of(fault["state"], _POWER_STATES, f"{where}.state")
+    try:
+        return faultkinds.validate(dict(raw), where)
+    except ValueError as exc:
+        raise errors.UsageError(str(exc)) from None
 
 
 def take(faults: list[JSON], kind: str, matches: Callable[[JSON], bool]) -> JSON | None:

@@ -10,9 +10,29 @@ import click
 from engine import errors
 from workflows.app import App
 from workflows.backends.base import Inventory
+from workflows.cli.exits import (
+    EXIT_BUSY,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    EXIT_WARNINGS,
+)
 from workflows.node_patch import STATES
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_BUSY, EXIT_WARNINGS = 0, 1, 2, 3, 4, 5
+__all__ = [
+    "EXIT_BUSY",
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "EXIT_WARNINGS",
+    "emit",
+    "inventory",
+    "json_option",
+    "pass_app",
+    "until_option",
+]
 
 pass_app = click.make_pass_decorator(App)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

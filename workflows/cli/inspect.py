@@ -10,7 +10,7 @@ import click
 
 from engine import db, errors
 from engine.model import utcnow
-from workflows import render
+from workflows import render, terminal
 from workflows.app import App
 from workflows.cli.common import (
     EXIT_DONE,
@@ -20,7 +20,6 @@ from workflows.cli.common import (
     pass_app,
 )
 from workflows.node_patch import STATES
-from workflows.report import past
 
 # ---- database ----------------------------------------------------------------------------
 
@@ -84,17 +83,15 @@ def status_cmd(app: App, run_ref: str, as_json: bool) -> None:
     locks = app.store.locks(run.id)
     if locks:
         click.echo(f"holds: {', '.join(locks)}")
-    click.echo(render.durations_table(stays))
+    terminal.echo(render.durations_table(stays))
     patched = render.patch_line(published)
     if patched:
         click.echo(patched)
-    table = render.vm_report(published)
-    if table:
-        click.echo(table)
+    terminal.echo(render.vm_report(published))
     for line in render.warnings(published):
         click.echo(f"not put back: {line}")
     if journal:
-        click.echo(render.journal_table(journal))
+        terminal.echo(render.journal_table(journal))
 
 
 @click.command("runs")
@@ -127,7 +124,7 @@ def runs_cmd(
     if as_json:
         emit([render.run_json(r, {}) | {"published": None} for r in runs])
     else:
-        click.echo(render.runs_table(runs))
+        terminal.echo(render.runs_table(runs))
 
 
 def past_runs(
@@ -139,6 +136,8 @@ def past_runs(
     as_json: bool,
 ) -> None:
     """`runs --since`: cycles and node runs of the cluster, with outcome and duration."""
+    from workflows.report import past  # only for --since: status and runs never load it
+
     now = utcnow()
     runs = past.select(app.store.runs(state=state, limit=ALL), cluster, node, since)
     rows = [past.row(r, now) for r in runs]
@@ -184,9 +183,9 @@ def history_cmd(app: App, run_ref: str, as_json: bool) -> None:
         )
     else:
         click.echo(render.run_summary(run))
-        click.echo(render.history_table(events))
+        terminal.echo(render.history_table(events))
         final = run.state in app.registry.get(run.workflow, run.workflow_version).final
-        click.echo(render.durations_table(render.durations(events, utcnow(), final)))
+        terminal.echo(render.durations_table(render.durations(events, utcnow(), final)))
         patched = render.patch_line(app.store.published(run.id))
         if patched:
             click.echo(patched)

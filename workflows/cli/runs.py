@@ -13,7 +13,7 @@ from engine import errors
 from engine.model import Run, utcnow
 from engine.runner import Runner, Stop
 from workflows import plan as planning
-from workflows import render
+from workflows import render, terminal
 from workflows.app import App
 from workflows.cli.common import (
     EXIT_DONE,
@@ -90,7 +90,7 @@ def plan_cmd(
         emit(result.to_json())
     else:
         click.echo(f"plan for {result.node} in {result.cluster}")
-        click.echo(render.plan_table(result.to_json()))
+        terminal.echo(render.plan_table(result.to_json()))
         for problem in result.problems:
             click.echo(f"refused: {problem}")
         if result.ok:
@@ -301,7 +301,7 @@ def _left_as_is(app: App, run: Run) -> dict[str, Any]:
 def _always(sink: Callable[[str], None]) -> Callable[[str], None]:
     def echo(message: str) -> None:
         sink(message)
-        if not sys.stderr.isatty():  # the sink itself prints on a terminal
+        if not terminal.interactive(sys.stderr):  # the sink itself shows it on a terminal
             click.echo(f"  {message}", err=True)
 
     return echo
@@ -318,7 +318,10 @@ def _drive(
     bound: tuple[threading.Timer, float] | None = None,
 ) -> None:
     with graceful(runner.stop_requested, run_id):
-        stop = runner.drive(run_id, until=until, retry=retry)
+        try:
+            stop = runner.drive(run_id, until=until, retry=retry)
+        finally:
+            terminal.settle()  # the live progress panel goes before the result is printed
     timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
     deliver_after(app)
     _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
@@ -331,9 +334,8 @@ def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) 
         emit(render.run_json(stop.run, published, stop.reason))
     else:
         click.echo(render.run_summary(stop.run))
-        table = render.vm_report(published)
-        if table and stop.reason in ("final", "failed"):
-            click.echo(table)
+        if stop.reason in ("final", "failed"):
+            terminal.echo(render.vm_report(published))
         if warnings:
             click.echo(f"{stop.run.state}, but {len(warnings)} VM(s) were not put back:")
             for line in warnings:

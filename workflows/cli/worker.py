@@ -9,6 +9,7 @@ from types import FrameType
 import click
 
 from engine.worker import Worker, WorkerSettings
+from workflows import terminal
 from workflows.app import App, actor
 from workflows.cli import integrations
 from workflows.cli.common import EXIT_DONE, pass_app
@@ -77,6 +78,7 @@ def worker_cmd(
         poll_interval_s=poll_s,
         yield_after_s=yield_s,
     )
+    app.progress = terminal.progress_sink(terminal.interactive(sys.stderr), live=False)
     worker = Worker(app.store, app.runner_for, settings, owner=actor())
 
     def stop(signum: int, _frame: FrameType | None) -> None:

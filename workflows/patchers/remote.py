@@ -30,7 +30,6 @@ from workflows.backends import base, psrp
 from workflows.backends import connection as conn
 
 Clock = Callable[[], float]
-REBOOT_MODES = ("if-required", "always", "never")
 
 # -- constant remote scripts (values travel as parameters; see tests/test_powershell_lint.py) --
 
@@ -481,43 +480,18 @@ def _result(status: Mapping[str, Any]) -> dict[str, Any] | None:
 def settings_from_mapping(
     data: Mapping[str, object], where: str, environ: Mapping[str, str]
 ) -> RemotePatchSettings:
-    """Validate a `patcher` config block; `connection` is a ConnectionSettings block."""
-    connection = conn.from_mapping(_connection_block(data, where), f"{where}.connection", environ)
-    return RemotePatchSettings(connection=connection, **_options(data, where))
+    """Validate a `patcher.<kind>` block (`workflows.config.RemotePatcherBlock`); its
+    `connection` is a connection block whose `server` defaults to the node's name."""
+    from workflows import config
+
+    block = config.validate(data, config.RemotePatcherBlock, where)
+    connection = conn.from_model(block.connection, f"{where}.connection", environ)
+    options = block.model_dump(exclude={"connection"})
+    return RemotePatchSettings(connection=connection, **options)
 
 
 def validate(data: Mapping[str, object], where: str) -> None:
     """Everything `settings_from_mapping` checks except reading the connection's secret."""
-    conn.validate(_connection_block(data, where), f"{where}.connection")
-    _options(data, where)
+    from workflows import config
 
-
-def _connection_block(data: Mapping[str, object], where: str) -> dict[str, object]:
-    allowed = {f.name for f in dataclasses.fields(RemotePatchSettings)}
-    unknown = sorted(set(data) - allowed, key=str)
-    if unknown:
-        raise errors.ConfigError(f"{where}.{unknown[0]}: unknown key")
-    raw_conn = data.get("connection")
-    if not isinstance(raw_conn, Mapping):
-        raise errors.ConfigError(f"{where}.connection: required (a mapping)")
-    return {"server": "localhost", **raw_conn}
-
-
-def _options(data: Mapping[str, object], where: str) -> dict[str, Any]:
-    return {key: _check(key, val, where) for key, val in data.items() if key != "connection"}
-
-
-def _check(key: str, val: object, where: str) -> object:
-    if key in ("node_addresses", "script_parameters"):
-        if not isinstance(val, Mapping):
-            raise errors.ConfigError(f"{where}.{key}: must be a mapping")
-        return dict(val)
-    if key.endswith("_s"):
-        if isinstance(val, bool) or not isinstance(val, int | float) or val <= 0:
-            raise errors.ConfigError(f"{where}.{key}: must be a positive number of seconds")
-        return float(val)
-    if not isinstance(val, str):
-        raise errors.ConfigError(f"{where}.{key}: must be a string")
-    if key == "reboot" and val not in REBOOT_MODES:
-        raise errors.ConfigError(f"{where}.reboot: must be one of {', '.join(REBOOT_MODES)}")
-    return val
+    config.validate(data, config.RemotePatcherBlock, where)
