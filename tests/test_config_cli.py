@@ -79,7 +79,7 @@ def test_schema_is_the_models_json_schema() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["additionalProperties"] is False
     assert len(schema["properties"]["backend"]["oneOf"]) == 3
-    assert len(schema["properties"]["patcher"]["oneOf"]) == 6
+    assert len(schema["properties"]["patcher"]["oneOf"]) == 7  # with configmgr
     example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     assert set(example) <= set(schema["properties"])
     assert schema["$defs"]["Policies"]["properties"]["non_ha"]["$ref"].endswith("NonHaPolicy")
