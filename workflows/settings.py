@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import yaml
 
 from engine import errors
-from engine.runner import RunnerSettings
+from engine.runner import Retry, RunnerSettings
 from workflows import plan as planning
 from workflows.node_patch import NODE_PATCH, STATES
 
@@ -49,12 +49,18 @@ class Settings:
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
+    retries: Mapping[str, Mapping[str, Retry]] = field(default_factory=dict)
 
     def runner_for(self, workflow: str) -> RunnerSettings:
-        """The engine settings of one workflow: its own step timeouts over the defaults."""
+        """The engine settings of one workflow: its own step timeouts and retries over the
+        defaults."""
         if workflow == NODE_PATCH:
             return self.runner
-        return replace(self.runner, timeouts_s=dict(self.timeouts_s.get(workflow, {})))
+        return replace(
+            self.runner,
+            timeouts_s=dict(self.timeouts_s.get(workflow, {})),
+            retries=dict(self.retries.get(workflow, {})),
+        )
 
     def patcher_for_runs(self) -> str:
         """The patcher a new run records: `auto` is simulated on the simulator, else external."""
@@ -76,9 +82,10 @@ _SCHEMA: dict[str, Any] = {
     },
     "engine": {"lease_ttl_s": float, "poll_interval_s": float},
     "timeouts_s": dict,
-    "retries": {"attempts": int, "backoff_s": float, "backoff_max_s": float},
+    "retries": dict,  # see _retries
     "log": {"file": str},
 }
+_RETRY: dict[str, Any] = {"attempts": int, "backoff_s": float, "backoff_max_s": float}
 
 
 def load(path: str | None) -> Settings:
@@ -181,18 +188,17 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
     policies = data.get("policies", {})
     patcher = data.get("patcher", {})
     eng = data.get("engine", {})
-    retries = data.get("retries", {})
+    default_retry, retries = _retries(data.get("retries", {}))
     timeouts = _timeouts(data.get("timeouts_s", {}))
     kind = _choice(backend.get("kind", "simulated"), BACKENDS, "backend.kind")
     runner = RunnerSettings(
         lease_ttl_s=_positive(float(eng.get("lease_ttl_s", 30)), "engine.lease_ttl_s"),
         poll_interval_s=_positive(float(eng.get("poll_interval_s", 2)), "engine.poll_interval_s"),
         timeouts_s={**DEFAULT_TIMEOUTS, **timeouts.get(NODE_PATCH, {})},
-        retry_attempts=int(_positive(retries.get("attempts", 3), "retries.attempts")),
-        retry_backoff_s=_positive(float(retries.get("backoff_s", 5)), "retries.backoff_s"),
-        retry_backoff_max_s=_positive(
-            float(retries.get("backoff_max_s", 120)), "retries.backoff_max_s"
-        ),
+        retry_attempts=default_retry.attempts,
+        retry_backoff_s=default_retry.backoff_s,
+        retry_backoff_max_s=default_retry.backoff_max_s,
+        retries=retries.get(NODE_PATCH, {}),
     )
     patcher_kind = _choice(patcher.get("kind", "auto"), PATCHERS, "patcher.kind")
     _check_remote_blocks(backend, kind, patcher, patcher_kind)
@@ -221,6 +227,7 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         runner=runner,
         timeouts_s=timeouts,
         log_file=data.get("log", {}).get("file"),
+        retries=retries,
     )
 
 
@@ -255,6 +262,40 @@ def _timeout_key(
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
         raise errors.ConfigError(f"{where}: must be a number (got {seconds!r})")
     out.setdefault(workflow, {})[state] = _positive(float(seconds), where)
+
+
+def _retries(data: Mapping[str, Any]) -> tuple[Retry, dict[str, dict[str, Retry]]]:
+    """`retries.{attempts,backoff_s,backoff_max_s}` for every step, and per workflow and state
+    `retries.<workflow>.<State>.{...}` (keys it does not give come from the flat ones)."""
+    flat = {key: value for key, value in data.items() if key in _RETRY}
+    default = _retry(flat, Retry(), "retries")
+    out: dict[str, dict[str, Retry]] = {}
+    for key, value in data.items():
+        where = f"retries.{key}"
+        if key in _RETRY:
+            continue
+        if key not in STEPPED or not isinstance(value, Mapping):
+            raise errors.ConfigError(
+                f"{where}: unknown key (known: {', '.join(_RETRY)}, or a workflow, "
+                f"{', '.join(STEPPED)}, with its states)"
+            )
+        for state, block in value.items():
+            if state not in STEPPED[key]:
+                known = ", ".join(STEPPED[key])
+                raise errors.ConfigError(f"{where}.{state}: unknown state (known: {known})")
+            out.setdefault(key, {})[state] = _retry(block, default, f"{where}.{state}")
+    return default, out
+
+
+def _retry(data: Any, base: Retry, where: str) -> Retry:
+    _check(data, _RETRY, where)
+    return Retry(
+        attempts=int(_positive(data.get("attempts", base.attempts), f"{where}.attempts")),
+        backoff_s=_positive(float(data.get("backoff_s", base.backoff_s)), f"{where}.backoff_s"),
+        backoff_max_s=_positive(
+            float(data.get("backoff_max_s", base.backoff_max_s)), f"{where}.backoff_max_s"
+        ),
+    )
 
 
 def _check_remote_blocks(
