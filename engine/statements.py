@@ -63,14 +63,14 @@ lock_holder = sa.select(t.resource_lock.c.run_id).where(
 )
 
 
-def _load(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> sa.Select[Any]:
-    """The run with its pending signals (names, oldest first) and its published data
-    (`[key, value]` pairs in publishing order), as two JSON arrays: one statement."""
-    return sa.select(
-        t.run,
+def _loaded(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> list[Any]:
+    """The run's columns with its pending signals (names, oldest first) and its published
+    data (`[key, value]` pairs in publishing order), as two JSON arrays."""
+    return [
+        *t.run.c,
         sa.type_coerce(pending, sa.JSON).label("pending_signals"),
         sa.type_coerce(data, sa.JSON).label("published_data"),
-    ).where(_THIS_RUN)
+    ]
 
 
 _signals = t.run_signal.c
@@ -85,8 +85,8 @@ _sqlite_data = (
 )
 # SQLite aggregates rows in the order of an ordered subquery (which it never flattens into an
 # aggregate); PostgreSQL is given the order inside the aggregate.
-load = {
-    "sqlite": _load(
+_LOADED = {
+    "sqlite": _loaded(
         sa.select(sa.func.json_group_array(_sqlite_signals.c.name)).scalar_subquery(),
         sa.select(
             sa.func.json_group_array(
@@ -94,7 +94,7 @@ load = {
             )
         ).scalar_subquery(),
     ),
-    "postgresql": _load(
+    "postgresql": _loaded(
         sa.select(
             sa.func.coalesce(
                 sa.func.json_agg(postgresql.aggregate_order_by(_signals.name, _signals.id)),
@@ -119,6 +119,8 @@ load = {
         .scalar_subquery(),
     ),
 }
+
+load = {name: sa.select(*columns).where(_THIS_RUN) for name, columns in _LOADED.items()}
 
 # ---- the run row --------------------------------------------------------------------------
 
@@ -149,12 +151,15 @@ def _advance(*, final: bool) -> sa.Update:
             _HEAD_IS_PREV,
         )
         .values(values)
-        .returning(*t.run.c)
     )
 
 
-advance = _advance(final=False)
-advance_final = _advance(final=True)
+# A transition and a claim return the run as the runner's next load would read it (the
+# subqueries see the rows this transaction wrote before the UPDATE), so that no load follows.
+advance = {name: _advance(final=False).returning(*columns) for name, columns in _LOADED.items()}
+advance_final = {
+    name: _advance(final=True).returning(*columns) for name, columns in _LOADED.items()
+}
 claim = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("old_token"), _HEAD_IS_PREV)
@@ -166,6 +171,7 @@ claim = (
         audit_head=_p("head"),
     )
 )
+claim_loaded = {name: claim.returning(*columns) for name, columns in _LOADED.items()}
 renew = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"))

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from engine import chain, crashpoints, db, errors
 from engine import schema as t
 from engine import statements as q
-from engine.model import Event, JournalEntry, Lease, Run, as_utc, utcnow
+from engine.model import Event, JournalEntry, Lease, Loaded, Run, as_utc, utcnow
 
 log = logging.getLogger("nodepatch.store")
 P = ParamSpec("P")
@@ -154,15 +154,19 @@ class Store:
         return run
 
     @retried
-    def load(self, run_id: str) -> tuple[Run, list[str], dict[str, Any]]:
+    def load(self, run_id: str) -> Loaded:
         """The run, its pending signals and its published data, read together (one
-        statement: the runner reads this before every step)."""
+        statement). A transition and a claim return the same, so the runner reads this only
+        when a worker hands it a run."""
         with self._tx(read_only=True) as conn:
             row = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings().first()
         if row is None:
             raise errors.RunNotFound(f"no run {run_id!r}")
+        return self._loaded(row)
+
+    def _loaded(self, row: Mapping[Any, Any]) -> Loaded:
         published = {key: value for key, value in row["published_data"]}
-        return self._seen(Run.from_row(row)), list(row["pending_signals"]), published
+        return Loaded(self._seen(Run.from_row(row)), list(row["pending_signals"]), published)
 
     @retried
     def resolve(self, ref: str) -> Run:
@@ -499,12 +503,35 @@ class Store:
                 t.run.update().where(t.run.c.id == run_id).values(detached=detached, wake_at=None)
             )
 
-    @retried
     def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
         """Take the run's lease; Busy if another owner holds a live one."""
+        lease, _loaded = self.take(run_id, owner, ttl)
+        assert lease is not None
+        return lease
+
+    @retried
+    def take(
+        self,
+        run_id: str,
+        owner: str,
+        ttl: dt.timedelta,
+        *,
+        awake_at: dt.datetime | None = None,
+    ) -> tuple[Lease | None, Loaded]:
+        """Take the run's lease (Busy if another owner holds a live one) and return it with
+        the run as loaded after the claim. With `awake_at`, a run asleep at that time (its
+        timer later, no abort pending) is not taken: (None, the run) and nothing written."""
         now = utcnow()
         with self._tx() as conn:
             run = self._get(conn, run_id, lock=True)
+            if (
+                awake_at is not None
+                and run.wake_at is not None
+                and run.wake_at > awake_at
+                and "abort" not in self._pending(conn, run_id)
+            ):
+                loaded = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings()
+                return None, self._loaded(loaded.one())
             if run.lease_live(now) and run.lease_owner != owner:
                 until = run.lease_expires_at
                 raise errors.Busy(
@@ -525,7 +552,7 @@ class Store:
             )
             event = chain.linked(leased, self._prev_hash(conn, run))
             updated = conn.execute(
-                q.claim,
+                q.claim_loaded[conn.dialect.name],
                 {
                     "run_id": run_id,
                     "old_token": run.lease_token,
@@ -536,12 +563,12 @@ class Store:
                     "now": now,
                     "head": event["hash"],
                 },
-            ).rowcount
-            if updated != 1:
+            ).mappings()
+            row = updated.first()
+            if row is None:
                 raise errors.Busy(f"run {run_id} was claimed by another process just now")
             conn.execute(q.insert_event, event)
-        self._heads[run_id] = event["hash"]
-        return Lease(run_id, owner, token)
+        return Lease(run_id, owner, token), self._loaded(row)
 
     @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
@@ -581,9 +608,10 @@ class Store:
         details: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
         cascade: Sequence[str] = (),
-    ) -> Run:
+    ) -> Loaded:
         """Change state (see `_transition`), retrying over a lost connection. If the lost
-        connection had in fact committed, the run is already at the target: that is success."""
+        connection had in fact committed, the run is already at the target: that is success.
+        Returns the run as loaded after the transition."""
         for attempt in range(DB_RETRIES):
             try:
                 return self._transition(
@@ -606,13 +634,14 @@ class Store:
                     raise
                 time.sleep(DB_BACKOFF_S * 2**attempt)
                 with suppress(errors.DatabaseUnavailable):
-                    run = self.get(lease.run_id)
+                    loaded = self.load(lease.run_id)
+                    run = loaded.run
                     if (run.state, run.version, run.lease_token) == (
                         to_state,
                         version + 1,
                         lease.token,
                     ):
-                        return run
+                        return loaded
         raise AssertionError("unreachable")
 
     def _transition(
@@ -631,7 +660,7 @@ class Store:
         details: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
         cascade: Sequence[str] = (),
-    ) -> Run:
+    ) -> Loaded:
         """Change state, append the audit event, publish data, take/release locks, consume
         signals and send `cascade` signals to every unfinished child, in ONE transaction,
         guarded by compare-and-set on (state, version, lease). A child that finishes makes its
@@ -665,7 +694,9 @@ class Store:
             "new_failed_from": from_state if error else None,
         }
         with self._tx() as conn:
-            run, event = self._advance(conn, q.advance_final if final else q.advance, change, event)
+            update = (q.advance_final if final else q.advance)[conn.dialect.name]
+            row, event = self._advance(conn, update, change, event)
+            run = Run.from_row(row)
             if acquire:
                 self._take_locks(conn, run, acquire, now)
             if release:
@@ -694,16 +725,18 @@ class Store:
                     .values(wake_at=now)
                 )
                 _notify(conn, run.parent_run_id)
+            if consume or publish:  # the UPDATE's RETURNING ran before these writes
+                row = conn.execute(q.load[conn.dialect.name], {"run_id": run.id}).mappings().one()
             crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
-        return self._seen(run)
+        return self._loaded(row)
 
     def _advance(
         self, conn: sa.Connection, update: sa.Update, change: dict[str, Any], event: dict[str, Any]
-    ) -> tuple[Run, dict[str, Any]]:
+    ) -> tuple[sa.RowMapping, dict[str, Any]]:
         """The guarded UPDATE of a transition, which also moves the audit head to its event;
-        the run as it is now and the event, chained. The previous head is the hint when there
-        is one; when the UPDATE finds the run changed, the run is read (locked): another
+        the run as it is now (loaded) and the event, chained. The previous head is the hint
+        when there is one; when the UPDATE finds the run changed, the run is read (locked): another
         writer's transition or lease is StaleRun or LeaseLost, another event (a signal sent
         meanwhile) only moved the head, and the UPDATE is repeated after that head."""
         hint = self._heads.get(change["run_id"])
@@ -712,7 +745,7 @@ class Store:
             row = conn.execute(update, {**change, "prev_head": hint, "head": linked["hash"]})
             found = row.mappings().first()
             if found is not None:
-                return Run.from_row(found), linked
+                return found, linked
         run = self._get(conn, change["run_id"], lock=True)
         if (run.state, run.version, run.lease_token) != (
             change["from_state"],
@@ -725,7 +758,7 @@ class Store:
         found = row.mappings().first()
         if found is None:  # the run is locked: another writer cannot have changed it
             raise AssertionError(f"run {run.id} changed under its lock")
-        return Run.from_row(found), linked
+        return found, linked
 
     @retried
     def set_waiting(self, lease: Lease, signal: str, reason: str) -> None:
