@@ -27,10 +27,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## make bench: engine transitions/s next to the raw commit rate of the same database; every
-## benchmark merges its figures by name into bench.json at the repository root
+## make bench: engine transitions/s next to the raw commit rate of the same database, then the
+## fleet (node runs/s driven by workers); every benchmark merges its figures by name into
+## bench.json at the repository root
 bench: install
 	$(BIN)/python -m benchmarks.transitions
+	$(BIN)/python -m benchmarks.fleet
 
 ## make mutate: mutation testing of store, context, plan and node_patch (cosmic-ray, SQLite,
 ## one mutant at a time, about 40 minutes; not in CI). Report: .mutation/report.txt
