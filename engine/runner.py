@@ -190,13 +190,13 @@ class Runner:
         retry: bool = False,
         early: bool = False,
         lease: Lease | None = None,
+        loaded: Loaded | None = None,
     ) -> Stop:
         """Advance the run as far as it goes; retry=True first re-enters a failed step. A run
         sleeping on a timer is left alone before its time unless `early`. `lease`: a lease the
-        caller (a worker) has already claimed."""
+        caller (a worker) has already claimed, and `loaded` the run as that claim returned it."""
         if until is not None:
             self._check_until(self.store.get(run_id), until)
-        loaded: Loaded | None = None
         if lease is None:
             ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
             awake_at = None if early else self.now()

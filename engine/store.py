@@ -380,35 +380,63 @@ class Store:
             ).mappings()
             return [Run.from_row(r) for r in rows]
 
-    @retried
     def claim_next(self, owner: str, ttl: dt.timedelta, now: dt.datetime) -> Lease | None:
+        """Claim one run that is due for a worker (see `claim_due`)."""
+        claimed = self.claim_due(owner, ttl, now)
+        return None if claimed is None else claimed[0]
+
+    @retried
+    def claim_due(
+        self, owner: str, ttl: dt.timedelta, now: dt.datetime
+    ) -> tuple[Lease, Loaded] | None:
         """Claim one run that is due for a worker: detached, unfinished, not failed (unless an
         abort is pending), not waiting for a signal that has not come, its timer passed, its
-        lease free or expired. PostgreSQL skips rows other workers are claiming (SKIP LOCKED);
-        SQLite's writers are serialised by BEGIN IMMEDIATE."""
+        lease free or expired; with the run as loaded after the claim. PostgreSQL skips rows
+        other workers are claiming (SKIP LOCKED); SQLite's writers are serialised by BEGIN
+        IMMEDIATE. Three statements: the pick, the guarded UPDATE (which returns the run) and
+        the lease event."""
         with self._tx() as conn:
-            query = sa.select(t.run.c.id, t.run.c.lease_token, t.run.c.version).where(
-                *self._due(now)
-            )
+            query = sa.select(t.run).where(*self._due(now))
             query = query.order_by(t.run.c.wake_at, t.run.c.created_at).limit(1)
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=t.run)
-            row = conn.execute(query).first()
-            if row is None:
+            found = conn.execute(query).mappings().first()
+            if found is None:
                 return None
-            token = row.lease_token + 1
-            conn.execute(
-                t.run.update()
-                .where(t.run.c.id == row.id, t.run.c.lease_token == row.lease_token)
-                .values(
-                    lease_owner=owner,
-                    lease_token=token,
-                    lease_expires_at=now + ttl,
-                    heartbeat_at=now,
-                )
+            run = Run.from_row(found)
+            token = run.lease_token + 1
+            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+            leased = _event_fields(
+                run.id,
+                run.version,
+                "lease",
+                actor=owner,
+                token=token,
+                now=now,
+                details={"taken_over_from": previous} if previous else {},
             )
-            self._event(conn, row.id, row.version, "lease", actor=owner, token=token, details={})
-            return Lease(row.id, owner, token)
+            event = chain.linked(leased, self._prev_hash(conn, run))
+            row = (
+                conn.execute(
+                    q.claim_loaded[conn.dialect.name],
+                    {
+                        "run_id": run.id,
+                        "old_token": run.lease_token,
+                        "prev_head": run.audit_head,
+                        "owner": owner,
+                        "new_token": token,
+                        "expires_at": now + ttl,
+                        "now": now,
+                        "head": event["hash"],
+                    },
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:  # the row is locked (PostgreSQL) or the writer alone (SQLite)
+                raise AssertionError(f"run {run.id} changed under its lock")
+            conn.execute(q.insert_event, event)
+        return Lease(run.id, owner, token), self._loaded(row)
 
     @retried
     def due_count(self, now: dt.datetime) -> int:
