@@ -144,8 +144,8 @@ class Workers:
                 "--grace",
                 "20",
             ]
-            log = (self.fleet.folder / f"worker{i}.log").open("wb")
-            self.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+            with (self.fleet.folder / f"worker{i}.log").open("wb") as log:  # the child's copy
+                self.procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
             self.samples.append([])
         threading.Thread(target=self._sample, daemon=True).start()
         deadline = time.monotonic() + 120
