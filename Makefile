@@ -27,12 +27,13 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## make bench: engine transitions/s next to the raw commit rate of the same database; a
-## 16-node cycle, serial against --max-parallel auto, in simulated time (about a minute); every
-## benchmark merges its figures by name into bench.json at the repository root; the CLI's
-## start-up latency ratios (benchmarks/cli.py)
+## make bench: engine transitions/s next to the raw commit rate of the same database; the fleet
+## (node runs/s driven by workers); a 16-node cycle, serial against --max-parallel auto, in
+## simulated time; the CLI's start-up latency ratios. Every benchmark merges its figures by name
+## into bench.json at the repository root
 bench: install
 	$(BIN)/python -m benchmarks.transitions
+	$(BIN)/python -m benchmarks.fleet
 	$(BIN)/python -m benchmarks.cycle
 	$(BIN)/python -m benchmarks.cli
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from engine import crashpoints, errors
@@ -82,6 +82,9 @@ class StepContext:
     initial_states: Callable[[str, int], str] = lambda _name, _version: ""
     yield_after: float | None = None
     started: float = field(default_factory=time.monotonic)
+    # This entry into the state's journal (the newest attempt of each key), read once when
+    # first needed and kept up to date by `_journal`: only the lease holder writes it.
+    _entries: dict[str, JournalEntry] | None = field(default=None, init=False, repr=False)
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
@@ -120,7 +123,7 @@ class StepContext:
         """When timer `name` of this entry into the state fires: journaled the first time it is
         asked for, so a resumed step waits for the same moment, not for `seconds` more."""
         key = self.key(f"timer:{name}")
-        entry = self._store.journal(self.run.id, key)
+        entry = self._entry(key)
         if entry and entry.result and "until" in entry.result:
             return dt.datetime.fromisoformat(str(entry.result["until"]))
         until = self.now() + dt.timedelta(seconds=seconds)
@@ -142,7 +145,7 @@ class StepContext:
         """Start child run `name` of this run at most once: journaled like any side effect,
         and found again by its key after a crash between creating it and journaling it."""
         key = self.key(f"child:{name}")
-        entry = self._store.journal(self.run.id, key)
+        entry = self._entry(key)
         if entry and entry.external_ref:
             return self._store.get(entry.external_ref)
         existing = self._store.child(self.run.id, key)
@@ -225,7 +228,7 @@ class StepContext:
 
     def recalled(self, name: str) -> dict[str, Any] | None:
         """A fact `remember` journaled in this entry into the state, if any."""
-        entry = self._store.journal(self.run.id, self.key(name))
+        entry = self._entry(self.key(name))
         if entry is None or entry.status != "succeeded" or entry.result is None:
             return None
         return dict(entry.result)
@@ -234,10 +237,24 @@ class StepContext:
         """Journal keys are scoped to this entry into the state (its run version)."""
         return f"{self.run.state}@{self.run.version}:{name}"
 
+    def _entry(self, key: str) -> JournalEntry | None:
+        """The newest attempt journaled under `key` (one of this entry into the state)."""
+        if self._entries is None:
+            scope = self.key("")
+            newest: dict[str, JournalEntry] = {}
+            for entry in self._store.journal_entries(self.run.id):
+                held = newest.get(entry.step_key)
+                if entry.step_key.startswith(scope) and (
+                    held is None or entry.attempt >= held.attempt
+                ):
+                    newest[entry.step_key] = entry
+            self._entries = newest
+        return self._entries.get(key)
+
     def job_status(self, name: str) -> str | None:
         """The journal status of job `name` in this entry into the state, if it was started:
         intent, submitted, succeeded or failed."""
-        entry = self._store.journal(self.run.id, self.key(name))
+        entry = self._entry(self.key(name))
         return entry.status if entry else None
 
     def jobs_in(self, state: str) -> list[JournalEntry]:
@@ -302,7 +319,7 @@ class StepContext:
 
     def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:
         key = self.key(spec.name)
-        entry = self._store.journal(self.run.id, key)
+        entry = self._entry(key)
         if entry and entry.status == "succeeded":
             result = dict(entry.result or {})
             return JobOutcome(
@@ -367,3 +384,15 @@ class StepContext:
             external_ref=ref,
             result=result,
         )
+        held = self._entry(key)
+        if held is not None and held.attempt == attempt:  # as journal_write updates the row
+            written = replace(
+                held,
+                status=status,
+                external_ref=held.external_ref if ref is None else ref,
+                result=held.result if result is None else dict(result),
+            )
+        else:
+            written = JournalEntry(key, attempt, self.run.state, status, ref, result)
+        assert self._entries is not None  # read by _entry just above
+        self._entries[key] = written

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +78,13 @@ def _sqlite(url: sa.URL, *, create: bool, upgrade_command: str) -> sa.Engine:
     def _on_begin(conn: sa.Connection) -> None:
         # Writers take the write lock up front, so a read-then-write transaction can never
         # deadlock on a lock upgrade; read-only transactions don't block writers at all.
-        read_only = conn.get_execution_options().get(READ_ONLY, False)
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # Sent on the driver's connection: SQLAlchemy's statement machinery (events, result
+        # objects) costs more than SQLite spends on a BEGIN.
+        begin = "BEGIN" if conn.get_execution_options().get(READ_ONLY, False) else "BEGIN IMMEDIATE"
+        try:
+            conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:  # as SQLAlchemy would raise it ("database is locked")
+            raise sa.exc.OperationalError(begin, None, exc) from exc
 
     return engine
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def utcnow() -> dt.datetime:
@@ -70,6 +70,15 @@ class Run:
         return self.lease_owner is not None and (
             self.lease_expires_at is not None and self.lease_expires_at > now
         )
+
+
+class Loaded(NamedTuple):
+    """A run as the runner reads it before a step: the run, its pending signals (names, oldest
+    first) and its published data."""
+
+    run: Run
+    signals: list[str]
+    published: dict[str, Any]
 
 
 @dataclass(frozen=True)

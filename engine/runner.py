@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine import errors, logcontext
 from engine.context import ProgressSink, StepContext
-from engine.model import Lease, Run, utcnow
+from engine.model import Lease, Loaded, Run, utcnow
 from engine.store import Store
 from engine.workflow import Advance, Sleep, StepResult, Wait, Workflow
 
@@ -27,6 +27,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("nodepatch.engine")
 
 ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a step's transient errors are retried: `attempts` in all, with a doubling backoff
+    from `backoff_s` up to `backoff_max_s`."""
+
+    attempts: int = 3
+    backoff_s: float = 5.0
+    backoff_max_s: float = 120.0
+
+    def delay(self, attempt: int) -> float:
+        """The pause after failed attempt `attempt` (1, 2, ...)."""
+        return min(self.backoff_s * 2.0 ** (attempt - 1), self.backoff_max_s)
 
 
 @dataclass(frozen=True)
@@ -41,9 +55,18 @@ class RunnerSettings:
     # A step that has waited this long gives its lease back and sleeps one poll interval
     # (a worker's slot is never held by a waiting step); its timeout is then kept durably.
     yield_after_s: float | None = None
+    # Per state, over the flat retry_* settings (`retries.<workflow>.<State>` in the config).
+    retries: Mapping[str, Retry] = field(default_factory=dict)
 
     def timeout(self, state: str) -> float:
         return self.timeouts_s.get(state, self.default_timeout_s)
+
+    def retry(self, state: str) -> Retry:
+        """The retry settings of `state`'s step."""
+        found = self.retries.get(state)
+        if found is not None:
+            return found
+        return Retry(self.retry_attempts, self.retry_backoff_s, self.retry_backoff_max_s)
 
 
 @dataclass(frozen=True)
@@ -149,7 +172,7 @@ class Runner:
             run = self.store.get(run_id)
             if self.machine.is_final(run.state):
                 raise errors.UsageError(f"run {run_id} is already {run.state}")
-            return self.store.transition(
+            released = self.store.transition(
                 lease,
                 from_state=run.state,
                 version=run.version,
@@ -161,6 +184,7 @@ class Runner:
                 details={"reason": reason, "by": self.actor, "in": run.state},
                 error={"state": run.state, "reason": f"released by {self.actor}: {reason}"},
             )
+            return released.run
         finally:
             self.store.release(lease)
 
@@ -172,28 +196,32 @@ class Runner:
         retry: bool = False,
         early: bool = False,
         lease: Lease | None = None,
+        loaded: Loaded | None = None,
     ) -> Stop:
         """Advance the run as far as it goes; retry=True first re-enters a failed step. A run
         sleeping on a timer is left alone before its time unless `early`. `lease`: a lease the
-        caller (a worker) has already claimed."""
-        run = self.store.get(run_id)
+        caller (a worker) has already claimed, and `loaded` the run as that claim returned it."""
         if until is not None:
-            self._check_until(run, until)
+            self._check_until(self.store.get(run_id), until)
         if lease is None:
-            asleep = run.wake_at is not None and run.wake_at > self.now()
-            if asleep and not early and ABORT not in self.store.pending_signals(run_id):
-                return Stop(run, "sleeping")
-            lease = self.store.claim(
-                run_id, self.actor, dt.timedelta(seconds=self.settings.lease_ttl_s)
-            )
+            ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
+            awake_at = None if early else self.now()
+            taken, loaded = self.store.take(run_id, self.actor, ttl, awake_at=awake_at)
+            if taken is None:
+                return Stop(loaded.run, "sleeping")
+            lease = taken
+        stop: Stop | None = None
         try:
             with (
-                logcontext.bound(run_id=run.id, workflow=run.workflow, state=run.state),
+                logcontext.bound(run_id=run_id, workflow=self.workflow.name),
                 Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat,
             ):
-                return self._loop(lease, beat, until, retry)
+                stop = self._loop(lease, beat, until, retry, loaded)
+                return stop
         finally:
-            self.store.release(lease)
+            # A final transition has given the lease back already.
+            if stop is None or stop.reason != "final" or stop.run.lease_owner is not None:
+                self.store.release(lease)
 
     def _check_until(self, run: Run, until: str) -> None:
         if until not in self.workflow.states:
@@ -210,10 +238,20 @@ class Runner:
 
     # ---- the loop ----------------------------------------------------------------------
 
-    def _loop(self, lease: Lease, beat: Heartbeat, until: str | None, retry: bool) -> Stop:
+    def _loop(
+        self,
+        lease: Lease,
+        beat: Heartbeat,
+        until: str | None,
+        retry: bool,
+        loaded: Loaded | None,
+    ) -> Stop:
+        """Each pass works on the run as its last write returned it (a claim, a transition)
+        and reads it only when it has nothing fresher (a run a worker claimed)."""
         while True:
             beat.check()
-            run, signals, published = self.store.load(lease.run_id)
+            run, signals, published = loaded or self.store.load(lease.run_id)
+            loaded = None
             logcontext.update(state=run.state)
             if self.machine.is_final(run.state):
                 return Stop(run, "final")
@@ -227,25 +265,27 @@ class Runner:
                 abort = Advance(
                     trigger, consume=(ABORT,), details=aborted, publish={"aborted": aborted}
                 )
-                self._fire(lease, run, abort, cascade=(ABORT,))
+                loaded = self._fire(lease, run, abort, cascade=(ABORT,))
                 continue
             if run.state == self.workflow.failed:
                 if not (retry and run.failed_from):
                     return Stop(run, "failed")
                 retry = False
-                self._fire(lease, run, Advance(f"retry:{run.failed_from}"))
+                loaded = self._fire(lease, run, Advance(f"retry:{run.failed_from}"))
                 continue
             retry = False  # only a run that was Failed when this drive began is retried
             if until == run.state:
                 return Stop(run, "until")
-            stop = self._step(lease, run, beat, published)
-            if stop is not None:
-                return stop
+            step = self._step(lease, run, beat, published)
+            if isinstance(step, Stop):
+                return step
+            loaded = step
 
     def _step(
         self, lease: Lease, run: Run, beat: Heartbeat, published: dict[str, Any]
-    ) -> Stop | None:
-        """Run the state's step and persist what it returned; a Stop when the drive ends."""
+    ) -> Stop | Loaded:
+        """Run the state's step and persist what it returned; a Stop when the drive ends,
+        else the run as the transition left it."""
         try:
             outcome = self._execute(run, beat, published)
         except errors.Interrupted:
@@ -261,11 +301,11 @@ class Runner:
             self.store.set_sleep(lease, outcome.until, outcome.reason)
             self.progress(f"sleeping until {outcome.until:%Y-%m-%d %H:%M:%S} UTC: {outcome.reason}")
             return Stop(self.store.get(run.id), "sleeping")
-        self._fire(lease, run, outcome)
-        return None
+        return self._fire(lease, run, outcome)
 
     def _execute(self, run: Run, beat: Heartbeat, published: dict[str, Any]) -> StepResult:
         step = self.workflow.steps[run.state]
+        retry = self.settings.retry(run.state)
         attempt = 0
         while True:
             attempt += 1
@@ -297,12 +337,9 @@ class Runner:
             try:
                 return step(ctx)
             except errors.TransientError as exc:
-                if attempt >= self.settings.retry_attempts:
+                if attempt >= retry.attempts:
                     return _failure(f"gave up after {attempt} attempts: {exc}")
-                delay = min(
-                    self.settings.retry_backoff_s * 2 ** (attempt - 1),
-                    self.settings.retry_backoff_max_s,
-                )
+                delay = retry.delay(attempt)
                 self.progress(f"{run.state}: {exc}; retrying in {delay:g}s")
                 self._pause(delay)
             except errors.StepFailed as exc:
@@ -318,13 +355,12 @@ class Runner:
 
     def _fire(
         self, lease: Lease, run: Run, outcome: Advance, cascade: tuple[str, ...] = ()
-    ) -> None:
+    ) -> Loaded:
         if outcome.trigger == "fail":
-            self._fail(lease, run, dict(outcome.details), outcome.publish)
-            return
+            return self._fail(lease, run, dict(outcome.details), outcome.publish)
         to_state = self.machine.next_state(run.state, outcome.trigger)
         try:
-            self.store.transition(
+            loaded = self.store.transition(
                 lease,
                 from_state=run.state,
                 version=run.version,
@@ -342,12 +378,11 @@ class Runner:
         except errors.LockHeld as exc:
             details = {"reason": str(exc), "holder": exc.holder}
             if outcome.if_held is None:
-                self._fail(lease, run, details)
-                return
+                return self._fail(lease, run, details)
             instead = Advance(outcome.if_held, outcome.publish, details=details, error=details)
-            self._fire(lease, run, instead)
-            return
+            return self._fire(lease, run, instead)
         self.progress(f"{run.state} -> {to_state}")
+        return loaded
 
     def _fail(
         self,
@@ -355,9 +390,9 @@ class Runner:
         run: Run,
         details: dict[str, Any],
         publish: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> Loaded:
         reason = str(details.get("reason", "failed"))
-        self.store.transition(
+        loaded = self.store.transition(
             lease,
             publish=publish,
             from_state=run.state,
@@ -367,6 +402,7 @@ class Runner:
             error={"state": run.state, **details, "reason": reason},
         )
         self.progress(f"{run.state} -> {self.workflow.failed}: {reason}")
+        return loaded
 
 
 def _failure(reason: str) -> Advance:

@@ -81,14 +81,14 @@ lock_holder = sa.select(t.resource_lock.c.run_id).where(
 )
 
 
-def _load(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> sa.Select[Any]:
-    """The run with its pending signals (names, oldest first) and its published data
-    (`[key, value]` pairs in publishing order), as two JSON arrays: one statement."""
-    return sa.select(
-        t.run,
+def _loaded(pending: sa.ColumnElement[Any], data: sa.ColumnElement[Any]) -> list[Any]:
+    """The run's columns with its pending signals (names, oldest first) and its published
+    data (`[key, value]` pairs in publishing order), as two JSON arrays."""
+    return [
+        *t.run.c,
         sa.type_coerce(pending, sa.JSON).label("pending_signals"),
         sa.type_coerce(data, sa.JSON).label("published_data"),
-    ).where(_THIS_RUN)
+    ]
 
 
 _signals = t.run_signal.c
@@ -105,8 +105,8 @@ _sqlite_data = (
 # aggregate); PostgreSQL is given the order inside the aggregate.
 
 
-def _sqlite_load() -> sa.Select[Any]:
-    return _load(
+def _sqlite_loaded() -> list[Any]:
+    return _loaded(
         sa.select(sa.func.json_group_array(_sqlite_signals.c.name)).scalar_subquery(),
         sa.select(
             sa.func.json_group_array(
@@ -116,10 +116,10 @@ def _sqlite_load() -> sa.Select[Any]:
     )
 
 
-def _postgresql_load() -> sa.Select[Any]:
+def _postgresql_loaded() -> list[Any]:
     from sqlalchemy.dialects import postgresql
 
-    return _load(
+    return _loaded(
         sa.select(
             sa.func.coalesce(
                 sa.func.json_agg(postgresql.aggregate_order_by(_signals.name, _signals.id)),
@@ -145,7 +145,17 @@ def _postgresql_load() -> sa.Select[Any]:
     )
 
 
-load = _PerDialect(sqlite=_sqlite_load, postgresql=_postgresql_load)
+_LOADED: _PerDialect[list[Any]] = _PerDialect(sqlite=_sqlite_loaded, postgresql=_postgresql_loaded)
+
+
+def _per_dialect(build: Callable[[list[Any]], S]) -> _PerDialect[S]:
+    """A statement per dialect built from that dialect's loaded columns, on first use."""
+    return _PerDialect(
+        **{name: (lambda n=name: build(_LOADED[n])) for name in ("sqlite", "postgresql")}
+    )
+
+
+load = _per_dialect(lambda columns: sa.select(*columns).where(_THIS_RUN))
 
 # ---- the run row --------------------------------------------------------------------------
 
@@ -176,12 +186,13 @@ def _advance(*, final: bool) -> sa.Update:
             _HEAD_IS_PREV,
         )
         .values(values)
-        .returning(*t.run.c)
     )
 
 
-advance = _advance(final=False)
-advance_final = _advance(final=True)
+# A transition and a claim return the run as the runner's next load would read it (the
+# subqueries see the rows this transaction wrote before the UPDATE), so that no load follows.
+advance = _per_dialect(lambda columns: _advance(final=False).returning(*columns))
+advance_final = _per_dialect(lambda columns: _advance(final=True).returning(*columns))
 claim = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("old_token"), _HEAD_IS_PREV)
@@ -193,6 +204,7 @@ claim = (
         audit_head=_p("head"),
     )
 )
+claim_loaded = _per_dialect(lambda columns: claim.returning(*columns))
 renew = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"))

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from engine import chain, crashpoints, db, errors
 from engine import schema as t
 from engine import statements as q
-from engine.model import Event, JournalEntry, Lease, Run, as_utc, utcnow
+from engine.model import Event, JournalEntry, Lease, Loaded, Run, as_utc, utcnow
 
 log = logging.getLogger("nodepatch.store")
 P = ParamSpec("P")
@@ -154,15 +154,19 @@ class Store:
         return run
 
     @retried
-    def load(self, run_id: str) -> tuple[Run, list[str], dict[str, Any]]:
+    def load(self, run_id: str) -> Loaded:
         """The run, its pending signals and its published data, read together (one
-        statement: the runner reads this before every step)."""
+        statement). A transition and a claim return the same, so the runner reads this only
+        when a worker hands it a run."""
         with self._tx(read_only=True) as conn:
             row = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings().first()
         if row is None:
             raise errors.RunNotFound(f"no run {run_id!r}")
+        return self._loaded(row)
+
+    def _loaded(self, row: Mapping[Any, Any]) -> Loaded:
         published = {key: value for key, value in row["published_data"]}
-        return self._seen(Run.from_row(row)), list(row["pending_signals"]), published
+        return Loaded(self._seen(Run.from_row(row)), list(row["pending_signals"]), published)
 
     @retried
     def resolve(self, ref: str) -> Run:
@@ -390,35 +394,63 @@ class Store:
             ).mappings()
             return [Run.from_row(r) for r in rows]
 
-    @retried
     def claim_next(self, owner: str, ttl: dt.timedelta, now: dt.datetime) -> Lease | None:
+        """Claim one run that is due for a worker (see `claim_due`)."""
+        claimed = self.claim_due(owner, ttl, now)
+        return None if claimed is None else claimed[0]
+
+    @retried
+    def claim_due(
+        self, owner: str, ttl: dt.timedelta, now: dt.datetime
+    ) -> tuple[Lease, Loaded] | None:
         """Claim one run that is due for a worker: detached, unfinished, not failed (unless an
         abort is pending), not waiting for a signal that has not come, its timer passed, its
-        lease free or expired. PostgreSQL skips rows other workers are claiming (SKIP LOCKED);
-        SQLite's writers are serialised by BEGIN IMMEDIATE."""
+        lease free or expired; with the run as loaded after the claim. PostgreSQL skips rows
+        other workers are claiming (SKIP LOCKED); SQLite's writers are serialised by BEGIN
+        IMMEDIATE. Three statements: the pick, the guarded UPDATE (which returns the run) and
+        the lease event."""
         with self._tx() as conn:
-            query = sa.select(t.run.c.id, t.run.c.lease_token, t.run.c.version).where(
-                *self._due(now)
-            )
+            query = sa.select(t.run).where(*self._due(now))
             query = query.order_by(t.run.c.wake_at, t.run.c.created_at).limit(1)
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=t.run)
-            row = conn.execute(query).first()
-            if row is None:
+            found = conn.execute(query).mappings().first()
+            if found is None:
                 return None
-            token = row.lease_token + 1
-            conn.execute(
-                t.run.update()
-                .where(t.run.c.id == row.id, t.run.c.lease_token == row.lease_token)
-                .values(
-                    lease_owner=owner,
-                    lease_token=token,
-                    lease_expires_at=now + ttl,
-                    heartbeat_at=now,
-                )
+            run = Run.from_row(found)
+            token = run.lease_token + 1
+            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+            leased = _event_fields(
+                run.id,
+                run.version,
+                "lease",
+                actor=owner,
+                token=token,
+                now=now,
+                details={"taken_over_from": previous} if previous else {},
             )
-            self._event(conn, row.id, row.version, "lease", actor=owner, token=token, details={})
-            return Lease(row.id, owner, token)
+            event = chain.linked(leased, self._prev_hash(conn, run))
+            row = (
+                conn.execute(
+                    q.claim_loaded[conn.dialect.name],
+                    {
+                        "run_id": run.id,
+                        "old_token": run.lease_token,
+                        "prev_head": run.audit_head,
+                        "owner": owner,
+                        "new_token": token,
+                        "expires_at": now + ttl,
+                        "now": now,
+                        "head": event["hash"],
+                    },
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:  # the row is locked (PostgreSQL) or the writer alone (SQLite)
+                raise AssertionError(f"run {run.id} changed under its lock")
+            conn.execute(q.insert_event, event)
+        return Lease(run.id, owner, token), self._loaded(row)
 
     @retried
     def due_count(self, now: dt.datetime) -> int:
@@ -513,12 +545,35 @@ class Store:
                 t.run.update().where(t.run.c.id == run_id).values(detached=detached, wake_at=None)
             )
 
-    @retried
     def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
         """Take the run's lease; Busy if another owner holds a live one."""
+        lease, _loaded = self.take(run_id, owner, ttl)
+        assert lease is not None
+        return lease
+
+    @retried
+    def take(
+        self,
+        run_id: str,
+        owner: str,
+        ttl: dt.timedelta,
+        *,
+        awake_at: dt.datetime | None = None,
+    ) -> tuple[Lease | None, Loaded]:
+        """Take the run's lease (Busy if another owner holds a live one) and return it with
+        the run as loaded after the claim. With `awake_at`, a run asleep at that time (its
+        timer later, no abort pending) is not taken: (None, the run) and nothing written."""
         now = utcnow()
         with self._tx() as conn:
             run = self._get(conn, run_id, lock=True)
+            if (
+                awake_at is not None
+                and run.wake_at is not None
+                and run.wake_at > awake_at
+                and "abort" not in self._pending(conn, run_id)
+            ):
+                loaded = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings()
+                return None, self._loaded(loaded.one())
             if run.lease_live(now) and run.lease_owner != owner:
                 until = run.lease_expires_at
                 raise errors.Busy(
@@ -539,7 +594,7 @@ class Store:
             )
             event = chain.linked(leased, self._prev_hash(conn, run))
             updated = conn.execute(
-                q.claim,
+                q.claim_loaded[conn.dialect.name],
                 {
                     "run_id": run_id,
                     "old_token": run.lease_token,
@@ -550,12 +605,12 @@ class Store:
                     "now": now,
                     "head": event["hash"],
                 },
-            ).rowcount
-            if updated != 1:
+            ).mappings()
+            row = updated.first()
+            if row is None:
                 raise errors.Busy(f"run {run_id} was claimed by another process just now")
             conn.execute(q.insert_event, event)
-        self._heads[run_id] = event["hash"]
-        return Lease(run_id, owner, token)
+        return Lease(run_id, owner, token), self._loaded(row)
 
     @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
@@ -595,9 +650,10 @@ class Store:
         details: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
         cascade: Sequence[str] = (),
-    ) -> Run:
+    ) -> Loaded:
         """Change state (see `_transition`), retrying over a lost connection. If the lost
-        connection had in fact committed, the run is already at the target: that is success."""
+        connection had in fact committed, the run is already at the target: that is success.
+        Returns the run as loaded after the transition."""
         for attempt in range(DB_RETRIES):
             try:
                 return self._transition(
@@ -620,13 +676,14 @@ class Store:
                     raise
                 time.sleep(DB_BACKOFF_S * 2**attempt)
                 with suppress(errors.DatabaseUnavailable):
-                    run = self.get(lease.run_id)
+                    loaded = self.load(lease.run_id)
+                    run = loaded.run
                     if (run.state, run.version, run.lease_token) == (
                         to_state,
                         version + 1,
                         lease.token,
                     ):
-                        return run
+                        return loaded
         raise AssertionError("unreachable")
 
     def _transition(
@@ -645,7 +702,7 @@ class Store:
         details: Mapping[str, Any] | None = None,
         error: Mapping[str, Any] | None = None,
         cascade: Sequence[str] = (),
-    ) -> Run:
+    ) -> Loaded:
         """Change state, append the audit event, publish data, take/release locks, consume
         signals and send `cascade` signals to every unfinished child, in ONE transaction,
         guarded by compare-and-set on (state, version, lease). A child that finishes makes its
@@ -679,7 +736,9 @@ class Store:
             "new_failed_from": from_state if error else None,
         }
         with self._tx() as conn:
-            run, event = self._advance(conn, q.advance_final if final else q.advance, change, event)
+            update = (q.advance_final if final else q.advance)[conn.dialect.name]
+            row, event = self._advance(conn, update, change, event)
+            run = Run.from_row(row)
             if acquire:
                 self._take_locks(conn, run, acquire, now)
             if release:
@@ -708,16 +767,18 @@ class Store:
                     .values(wake_at=now)
                 )
                 _notify(conn, run.parent_run_id)
+            if consume or publish:  # the UPDATE's RETURNING ran before these writes
+                row = conn.execute(q.load[conn.dialect.name], {"run_id": run.id}).mappings().one()
             crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
-        return self._seen(run)
+        return self._loaded(row)
 
     def _advance(
         self, conn: sa.Connection, update: sa.Update, change: dict[str, Any], event: dict[str, Any]
-    ) -> tuple[Run, dict[str, Any]]:
+    ) -> tuple[sa.RowMapping, dict[str, Any]]:
         """The guarded UPDATE of a transition, which also moves the audit head to its event;
-        the run as it is now and the event, chained. The previous head is the hint when there
-        is one; when the UPDATE finds the run changed, the run is read (locked): another
+        the run as it is now (loaded) and the event, chained. The previous head is the hint
+        when there is one; when the UPDATE finds the run changed, the run is read (locked): another
         writer's transition or lease is StaleRun or LeaseLost, another event (a signal sent
         meanwhile) only moved the head, and the UPDATE is repeated after that head."""
         hint = self._heads.get(change["run_id"])
@@ -726,7 +787,7 @@ class Store:
             row = conn.execute(update, {**change, "prev_head": hint, "head": linked["hash"]})
             found = row.mappings().first()
             if found is not None:
-                return Run.from_row(found), linked
+                return found, linked
         run = self._get(conn, change["run_id"], lock=True)
         if (run.state, run.version, run.lease_token) != (
             change["from_state"],
@@ -739,7 +800,7 @@ class Store:
         found = row.mappings().first()
         if found is None:  # the run is locked: another writer cannot have changed it
             raise AssertionError(f"run {run.id} changed under its lock")
-        return Run.from_row(found), linked
+        return found, linked
 
     @retried
     def set_waiting(self, lease: Lease, signal: str, reason: str) -> None:

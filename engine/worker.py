@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from engine import errors
-from engine.model import Lease, Run, utcnow
+from engine.model import Lease, Loaded, Run, utcnow
 from engine.runner import Runner
 from engine.store import Store
 
@@ -87,12 +87,12 @@ class Worker:
         ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
         while not self.stop.is_set():
             try:
-                lease = self.store.claim_next(owner, ttl, self.now())
+                claimed = self.store.claim_due(owner, ttl, self.now())
             except errors.DatabaseError as exc:
                 log.warning("claiming failed: %s", exc, extra={"action": "claim_failed"})
                 self.stop.wait(self.settings.poll_interval_s)
                 continue
-            if lease is None:
+            if claimed is None:
                 if until_idle and self._idle():
                     return
                 self._nap()
@@ -100,7 +100,7 @@ class Worker:
             with self._lock:
                 self._busy += 1
             try:
-                self._drive(lease, owner)
+                self._drive(*claimed, owner)
             finally:
                 with self._lock:
                     self._busy -= 1
@@ -128,14 +128,14 @@ class Worker:
         soon = now + dt.timedelta(seconds=self.settings.poll_interval_s + 1)
         return upcoming is None or upcoming > soon
 
-    def _drive(self, lease: Lease, owner: str) -> None:
+    def _drive(self, lease: Lease, loaded: Loaded, owner: str) -> None:
         try:
-            run = self.store.get(lease.run_id)
+            run = loaded.run
             runner = self.runner_for(run)
             runner.actor = owner
             runner.stop_requested = self.stop
             runner.settings = replace(runner.settings, yield_after_s=self.settings.yield_after_s)
-            stop = runner.drive(run.id, lease=lease)
+            stop = runner.drive(run.id, lease=lease, loaded=loaded)
             log.info(
                 "run %s stopped: %s in %s",
                 run.id,

@@ -106,3 +106,38 @@ def test_a_database_password_is_kept_secret_in_the_model() -> None:
     loaded = settings.from_mapping({"database": "postgresql://u:hunter2@db/n"})
     assert loaded.database == "postgresql://u:hunter2@db/n"
     assert "hunter2" not in repr(loaded.model)
+
+
+def test_retries_are_per_workflow_and_state_over_the_flat_keys() -> None:
+    """`retries.node_patch.Draining` sets that step's retries; the keys it leaves out and the
+    other steps keep the flat `retries` values; unknown workflows and states name their key."""
+    from engine.runner import Retry
+    from workflows.settings import from_mapping
+
+    loaded = from_mapping(
+        {
+            "retries": {
+                "attempts": 4,
+                "backoff_s": 2,
+                "node_patch": {"Draining": {"attempts": 7, "backoff_max_s": 9}},
+            }
+        }
+    )
+    runner = loaded.runner_for("node_patch")
+    assert runner.retry("Draining") == Retry(attempts=7, backoff_s=2.0, backoff_max_s=9.0)
+    assert runner.retry("Patching") == Retry(attempts=4, backoff_s=2.0, backoff_max_s=120.0)
+    assert runner.retry("Draining").delay(3) == 8.0
+    assert runner.retry("Draining").delay(5) == 9.0  # capped
+    flat = from_mapping({"retries": {"attempts": 5}}).runner_for("node_patch")
+    assert flat.retry("Draining") == Retry(attempts=5)
+    for bad, message in [
+        ({"cycle": {"Soak": {"attempts": 2}}}, r"retries\.cycle: unknown key"),
+        ({"node_patch": {"Drain": {"attempts": 2}}}, r"retries\.node_patch\.Drain: unknown state"),
+        (
+            {"node_patch": {"Draining": {"attempts": 0}}},
+            r"retries\.node_patch\.Draining\.attempts: must be greater than 0",
+        ),
+        ({"node_patch": {"Draining": {"tries": 2}}}, r"retries\.node_patch\.Draining\.tries"),
+    ]:
+        with pytest.raises(errors.ConfigError, match=message):
+            from_mapping({"retries": bad})

@@ -368,10 +368,20 @@ class Webhook(Model):
         return self
 
 
+class RetryBlock(Model):
+    """One step's retries; what it leaves out comes from the flat `retries` keys."""
+
+    attempts: Count | None = None
+    backoff_s: Seconds | None = None
+    backoff_max_s: Seconds | None = None
+
+
 class Retries(Model):
     attempts: Count = 3
     backoff_s: Seconds = 5.0
     backoff_max_s: Seconds = 120.0
+    node_patch: dict[str, RetryBlock] | None = Field(default=None, description="by state")
+    cluster_cycle: dict[str, RetryBlock] | None = Field(default=None, description="by state")
 
 
 class Log(Model):

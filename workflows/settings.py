@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from engine import errors
-from engine.runner import RunnerSettings
+from engine.runner import Retry, RunnerSettings
 from workflows import plan as planning
 from workflows.node_patch import NODE_PATCH, STATES
 
@@ -56,12 +56,18 @@ class Settings:
     webhooks: tuple[Webhook, ...] = ()
     model: config.Config | None = field(default=None, repr=False, compare=False)
     """The validated configuration file (None: no file, every default)."""
+    retries: Mapping[str, Mapping[str, Retry]] = field(default_factory=dict)
 
     def runner_for(self, workflow: str) -> RunnerSettings:
-        """The engine settings of one workflow: its own step timeouts over the defaults."""
+        """The engine settings of one workflow: its own step timeouts and retries over the
+        defaults."""
         if workflow == NODE_PATCH:
             return self.runner
-        return replace(self.runner, timeouts_s=dict(self.timeouts_s.get(workflow, {})))
+        return replace(
+            self.runner,
+            timeouts_s=dict(self.timeouts_s.get(workflow, {})),
+            retries=dict(self.retries.get(workflow, {})),
+        )
 
     def patcher_for_runs(self) -> str:
         """The patcher a new run records: `auto` is simulated on the simulator, else external."""
@@ -153,13 +159,15 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
     raw_backend = data.get("backend") or {}
     raw_patcher = data.get("patcher") or {}
     timeouts = _timeouts(model.timeouts_s)
+    default_retry, retries = _retries(model.retries)
     runner = RunnerSettings(
         lease_ttl_s=model.engine.lease_ttl_s,
         poll_interval_s=model.engine.poll_interval_s,
         timeouts_s={**DEFAULT_TIMEOUTS, **timeouts},
-        retry_attempts=model.retries.attempts,
-        retry_backoff_s=model.retries.backoff_s,
-        retry_backoff_max_s=model.retries.backoff_max_s,
+        retry_attempts=default_retry.attempts,
+        retry_backoff_s=default_retry.backoff_s,
+        retry_backoff_max_s=default_retry.backoff_max_s,
+        retries=retries.get(NODE_PATCH, {}),
     )
     return Settings(
         database=model.database.get_secret_value() if model.database else default_database(),
@@ -176,6 +184,7 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         cycle=cycle_config.defaults(model.cycle),
         webhooks=_webhooks(model.webhooks),
         model=model,
+        retries=retries,
     )
 
 
@@ -202,6 +211,26 @@ def _timeouts(model: config.Timeouts) -> dict[str, float]:
     if nested is not None:
         chosen |= {state: getattr(nested, state) for state in nested.model_fields_set}
     return chosen
+
+
+def _retries(model: config.Retries) -> tuple[Retry, dict[str, dict[str, Retry]]]:
+    """`retries.{attempts,backoff_s,backoff_max_s}` for every step, and per workflow and state
+    `retries.<workflow>.<State>.{...}` (keys it does not give come from the flat ones)."""
+    default = Retry(model.attempts, model.backoff_s, model.backoff_max_s)
+    out: dict[str, dict[str, Retry]] = {}
+    for workflow, states in STEPPED.items():
+        for state, block in (getattr(model, workflow) or {}).items():
+            if state not in states:
+                known = ", ".join(states)
+                raise errors.ConfigError(
+                    f"retries.{workflow}.{state}: unknown state (known: {known})"
+                )
+            out.setdefault(workflow, {})[state] = Retry(
+                attempts=block.attempts or default.attempts,
+                backoff_s=block.backoff_s or default.backoff_s,
+                backoff_max_s=block.backoff_max_s or default.backoff_max_s,
+            )
+    return default, out
 
 
 DEFAULT_TIMEOUTS = {

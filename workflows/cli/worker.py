@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+from pathlib import Path
 from types import FrameType
 
 import click
+from sqlalchemy import event
 
 from engine.worker import Worker, WorkerSettings
 from workflows import terminal
 from workflows.app import App, actor
 from workflows.cli import integrations
 from workflows.cli.common import EXIT_DONE, pass_app
+
+# For benchmarks: a file this worker rewrites every half second with the number of SQL
+# statements it has sent so far (SQLAlchemy's before_cursor_execute; BEGIN not counted).
+STATEMENTS_ENV = "NODEPATCH_BENCH_STATEMENTS"
+
+
+def _count_statements(app: App, path: Path, stop: threading.Event) -> None:
+    counted = [0]
+
+    def statement(_conn: object, _cursor: object, text: str, *_args: object) -> None:
+        if text.lstrip()[:5].upper() != "BEGIN":
+            counted[0] += 1
+
+    def write() -> None:
+        while True:
+            partial = path.with_name(f".{path.name}.part")
+            partial.write_text(f"{counted[0]}\n", encoding="utf-8")
+            partial.replace(path)
+            if stop.wait(0.5):
+                return
+
+    event.listen(app.store.engine, "before_cursor_execute", statement)
+    threading.Thread(target=write, name="statement-count", daemon=True).start()
 
 
 @click.command("worker")
@@ -80,6 +107,9 @@ def worker_cmd(
     )
     app.progress = terminal.progress_sink(terminal.interactive(sys.stderr), live=False)
     worker = Worker(app.store, app.runner_for, settings, owner=actor())
+    counts_to = os.environ.get(STATEMENTS_ENV)
+    if counts_to:
+        _count_statements(app, Path(counts_to), worker.stop)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         if worker.stop.is_set():
