@@ -141,3 +141,29 @@ def test_retries_are_per_workflow_and_state_over_the_flat_keys() -> None:
     ]:
         with pytest.raises(errors.ConfigError, match=message):
             from_mapping({"retries": bad})
+
+
+@pytest.mark.parametrize(
+    ("cycle", "message"),
+    [
+        ({"soak": "soon"}, "cycle.soak: 'soon' is not a duration"),
+        ({"max_parallel": 0}, "cycle.max_parallel: must be an integer of at least 1 (got 0)"),
+        ({"orderr": "name"}, "cycle.orderr: unknown key (known: order, max_parallel,"),
+        ({"windows": ["Sat 25:00/1h"]}, "cycle.windows[0]: 'Sat 25:00/1h': 25:00 is not a time"),
+        ({"headroom_percent": 120}, "cycle.headroom_percent: must be between 0 and 99"),
+        ({"on_node_failure": "ignore"}, "cycle.on_node_failure: must be one of"),
+    ],
+)
+def test_the_cycle_section_is_checked_naming_the_key(
+    cycle: dict[str, object], message: str
+) -> None:
+    with pytest.raises(errors.ConfigError) as caught:
+        settings.from_mapping({"cycle": cycle})
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_the_cycle_section_gives_the_cycle_its_defaults() -> None:
+    loaded = settings.from_mapping(
+        {"cycle": {"max_parallel": "auto", "soak": "15m", "windows": ["Sat 22:00/8h UTC"]}}
+    )
+    assert loaded.cycle == {"max_parallel": None, "soak_s": 900.0, "windows": ["Sat 22:00/8h UTC"]}

@@ -388,6 +388,34 @@ class Log(Model):
     file: FilePath | None = None
 
 
+Duration = Annotated[str | int | float, Field(description="e.g. 30m, 8h, 1h30m, or seconds")]
+
+
+class Cycle(Model):
+    """`nodepatch cycle` defaults; each option on the command line wins."""
+
+    order: Literal["fewest-vms", "given", "name"] | None = None
+    max_parallel: int | str | None = Field(default=None, description="a number, or auto")
+    max_failed_nodes: Annotated[int, Field(ge=0)] | None = None
+    retries_per_node: Annotated[int, Field(ge=0)] | None = None
+    soak: Duration | None = None
+    windows: list[str] | None = Field(
+        default=None, description='e.g. "Sat 22:00/8h Europe/Berlin", "2026-11-28T22:00+01:00/8h"'
+    )
+    stop_after: Duration | None = None
+    health_check: str | None = Field(default=None, min_length=1)
+    health_check_timeout_s: Seconds | None = None
+    pre_node_script: FilePath | None = None
+    post_node_script: FilePath | None = None
+    on_node_failure: Literal["compensate", "leave"] | None = None
+    headroom_percent: Annotated[float, Field(strict=False)] | None = Field(
+        default=None, description="0 to 99"
+    )
+    default_node_minutes: Annotated[float, Field(gt=0, strict=False)] | None = None
+    poll_s: Annotated[float, Field(gt=0, strict=False)] | None = None
+    storage_timeout: Duration | None = None
+
+
 class Config(Model):
     """The whole configuration file; every key is optional."""
 
@@ -401,9 +429,7 @@ class Config(Model):
     timeouts_s: Timeouts = Timeouts()
     retries: Retries = Retries()
     log: Log = Log()
-    cycle: dict[str, Any] | None = Field(
-        default=None, description="`nodepatch cycle` defaults (workflows/cycle/config.py)"
-    )
+    cycle: Cycle | None = None
     webhooks: list[Webhook] = Field(default_factory=list)
 
 

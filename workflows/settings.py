@@ -181,7 +181,9 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         runner=runner,
         timeouts_s=_per_workflow(model.timeouts_s, timeouts),
         log_file=model.log.file,
-        cycle=cycle_config.defaults(model.cycle),
+        cycle=cycle_config.defaults(
+            model.cycle.model_dump(exclude_none=True) if model.cycle else None
+        ),
         webhooks=_webhooks(model.webhooks),
         model=model,
         retries=retries,
