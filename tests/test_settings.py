@@ -167,3 +167,11 @@ def test_the_cycle_section_gives_the_cycle_its_defaults() -> None:
         {"cycle": {"max_parallel": "auto", "soak": "15m", "windows": ["Sat 22:00/8h UTC"]}}
     )
     assert loaded.cycle == {"max_parallel": None, "soak_s": 900.0, "windows": ["Sat 22:00/8h UTC"]}
+
+
+def test_the_simulated_patcher_may_take_no_time_at_all() -> None:
+    """patch_seconds: 0 is the zero-latency simulator of the benchmarks; below 0 is refused."""
+    zero = {"patcher": {"kind": "simulated", "simulated": {"patch_seconds": 0}}}
+    assert settings.from_mapping(zero).patcher_options == {"patch_seconds": 0}
+    with pytest.raises(errors.ConfigError, match="patch_seconds: must be at least 0"):
+        settings.from_mapping({"patcher": {"simulated": {"patch_seconds": -1}}})

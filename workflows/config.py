@@ -216,7 +216,7 @@ Backend = Annotated[
 
 
 class SimulatedPatcherBlock(Model):
-    patch_seconds: Seconds | None = Field(
+    patch_seconds: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="simulated install time; default: each host's own, else 60"
     )
 
