@@ -17,8 +17,6 @@ from engine import errors
 from workflows.cli.exits import EXIT_BUSY, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
 from workflows.cli.interrupts import StopNow
 
-log = logging.getLogger("nodepatch")
-
 
 class Cli(click.Group):
     """Turns every error into one clear line and a documented exit code, and loads each

@@ -356,6 +356,3 @@ def _cycle(app: App, run_ref: str) -> Run:
             f"run {run.id} is a {run.workflow} run, not a cycle: use `nodepatch status {run.id}`"
         )
     return run
-
-
-__all__ = ["cycle_group", "drive", "show_duration", "status_doc", "status_text"]

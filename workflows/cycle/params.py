@@ -107,7 +107,7 @@ def check(params: CycleParams) -> None:
         OnNodeFailure(params.on_node_failure)
     except ValueError:
         raise errors.UsageError("--on-node-failure: must be compensate or leave") from None
-    params.schedule  # noqa: B018 - parses every window, naming a bad one
+    Schedule.parse(params.windows, "--window")  # names a bad window
     if params.until_node and params.until_node not in params.order:
         raise errors.UsageError(
             f"--until-node: {params.until_node!r} is not one of the cycle's nodes "

@@ -25,7 +25,7 @@ from workflows.cycle import gate, view, waves
 from workflows.cycle.params import CLUSTER_CYCLE, CycleParams
 from workflows.cycle.scripts import NodeScripts
 from workflows.cycle.windows import show_duration
-from workflows.node_patch import NODE_PATCH, cluster_lock, subject
+from workflows.node_patch import NODE_PATCH, cluster_lock, on_abort, subject
 
 PREFLIGHT, ROLLING, ABORTING = "Preflight", "Rolling", "Aborting"
 DONE, FAILED, ABORTED, REFUSED, ABANDONED = "Done", "Failed", "Aborted", "Refused", "Abandoned"
@@ -48,11 +48,6 @@ TRANSITIONS = (
 )
 
 History = Callable[[str, str | None], list[float]]  # durations (s) of past Done node runs
-
-
-def on_abort(run: Run) -> str | None:
-    untouched = run.state == PREFLIGHT or (run.state == FAILED and run.failed_from == PREFLIGHT)
-    return "abort_unstarted" if untouched else "abort"
 
 
 def cycle_subject(cluster: str) -> str:
