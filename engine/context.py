@@ -83,8 +83,10 @@ class StepContext:
     yield_after: float | None = None
     started: float = field(default_factory=time.monotonic)
     # This entry into the state's journal (the newest attempt of each key), read once when
-    # first needed and kept up to date by `_journal`: only the lease holder writes it.
-    _entries: dict[str, JournalEntry] | None = field(default=None, init=False, repr=False)
+    # first needed and kept up to date by `_journal`: only the lease holder writes it. The
+    # runner hands in an empty one when its own transition made this entry (nothing can be
+    # journaled under a version the run has just reached), and the same one to each attempt.
+    journal_seen: dict[str, JournalEntry] | None = field(default=None, repr=False)
 
     def progress(self, message: str) -> None:
         self.progress_sink(message)
@@ -122,14 +124,21 @@ class StepContext:
     def timer(self, name: str, seconds: float) -> dt.datetime:
         """When timer `name` of this entry into the state fires: journaled the first time it is
         asked for, so a resumed step waits for the same moment, not for `seconds` more."""
-        key = self.key(f"timer:{name}")
-        entry = self._entry(key)
-        if entry and entry.result and "until" in entry.result:
-            return dt.datetime.fromisoformat(str(entry.result["until"]))
+        found = self.timer_set(name)
+        if found is not None:
+            return found
         until = self.now() + dt.timedelta(seconds=seconds)
+        key = self.key(f"timer:{name}")
         self._journal(key, 1, "succeeded", result={"until": until.isoformat()})
         crashpoints.hit(f"after_timer:{name}")
         return until
+
+    def timer_set(self, name: str) -> dt.datetime | None:
+        """When timer `name` of this entry into the state fires, if it was journaled."""
+        entry = self._entry(self.key(f"timer:{name}"))
+        if entry and entry.result and "until" in entry.result:
+            return dt.datetime.fromisoformat(str(entry.result["until"]))
+        return None
 
     # ---- child runs ----------------------------------------------------------------------
 
@@ -239,7 +248,7 @@ class StepContext:
 
     def _entry(self, key: str) -> JournalEntry | None:
         """The newest attempt journaled under `key` (one of this entry into the state)."""
-        if self._entries is None:
+        if self.journal_seen is None:
             scope = self.key("")
             newest: dict[str, JournalEntry] = {}
             for entry in self._store.journal_entries(self.run.id):
@@ -248,8 +257,8 @@ class StepContext:
                     held is None or entry.attempt >= held.attempt
                 ):
                     newest[entry.step_key] = entry
-            self._entries = newest
-        return self._entries.get(key)
+            self.journal_seen = newest
+        return self.journal_seen.get(key)
 
     def job_status(self, name: str) -> str | None:
         """The journal status of job `name` in this entry into the state, if it was started:
@@ -295,17 +304,21 @@ class StepContext:
         active: dict[str, tuple[JobSpec, int, str, bool]] = {}
         shown: dict[str, int] = {}
         outcomes: dict[str, JobOutcome] = {}
+        polled: dict[str, ExternalJob] = {}  # a job's first poll, made by _start
         latest = ""
         while pending or active:
             while pending and len(active) < max(concurrency, 1):
                 spec = pending.pop(0)
-                started = self._start(spec)
+                started = self._start(spec, poll)
                 if isinstance(started, JobOutcome):
                     outcomes[spec.name] = started
                 else:
-                    active[spec.name] = (spec, *started)
+                    attempt, ref, reattached, first = started
+                    active[spec.name] = (spec, attempt, ref, reattached)
+                    if first is not None:
+                        polled[spec.name] = first
             for name, (spec, attempt, ref, reattached) in list(active.items()):
-                job = poll(ref)
+                job = polled.pop(name, None) or poll(ref)
                 latest = f"{spec.label or name}: {job.progress}% {job.message}".rstrip()
                 if spec.label and (job.progress != shown.get(name) or job.done):
                     shown[name] = job.progress
@@ -317,7 +330,11 @@ class StepContext:
                 self.wait(on=f"{len(active)} job(s) in flight, latest {latest}")
         return outcomes
 
-    def _start(self, spec: JobSpec) -> JobOutcome | tuple[int, str, bool]:
+    def _start(
+        self, spec: JobSpec, poll: Callable[[str], ExternalJob]
+    ) -> JobOutcome | tuple[int, str, bool, ExternalJob | None]:
+        """Journal and submit the job, or find it again; its attempt, reference, whether it
+        was re-attached, and its first poll if `_start` made one (see `_submitted`)."""
         key = self.key(spec.name)
         entry = self._entry(key)
         if entry and entry.status == "succeeded":
@@ -330,7 +347,7 @@ class StepContext:
                 reattached=True,
             )
         if entry and entry.status == "submitted" and entry.external_ref:
-            return entry.attempt, entry.external_ref, True
+            return entry.attempt, entry.external_ref, True, None
         attempt = (
             entry.attempt
             if entry and entry.status == "intent"
@@ -339,7 +356,7 @@ class StepContext:
         existing = spec.find() if spec.find else None
         if existing:
             self._journal(key, attempt, "submitted", ref=existing)
-            return attempt, existing, True
+            return attempt, existing, True, None
         self._journal(key, attempt, "intent")
         crashpoints.hit(f"before_submit:{spec.name}")
         try:
@@ -348,21 +365,45 @@ class StepContext:
             self._journal(key, attempt, "failed", result={"message": str(exc)})
             return JobOutcome(False, "", str(exc))
         crashpoints.hit(f"after_submit:{spec.name}")
-        self._journal(key, attempt, "submitted", ref=ref)
-        crashpoints.hit(f"after_journal:{spec.name}")
-        return attempt, ref, False
+        return self._submitted(spec, attempt, ref, poll(ref))
+
+    def _submitted(
+        self, spec: JobSpec, attempt: int, ref: str, job: ExternalJob
+    ) -> JobOutcome | tuple[int, str, bool, ExternalJob | None]:
+        """Journal a job's reference. A job that had already ended at its first poll (a quick
+        move, a host already in the state asked for) is journaled with its outcome in the same
+        write: one commit instead of two, and the same point to resume from."""
+        key = self.key(spec.name)
+        if not job.done:
+            self._journal(key, attempt, "submitted", ref=ref)
+            crashpoints.hit(f"after_journal:{spec.name}")
+            return attempt, ref, False, job
+        if spec.label:
+            self.progress(f"{spec.label}: {job.progress}% {job.message}".rstrip())
+        return self._finish(spec, attempt, ref, job, reattached=False, journaled=False)
 
     def _finish(
-        self, spec: JobSpec, attempt: int, ref: str, job: ExternalJob, reattached: bool
+        self,
+        spec: JobSpec,
+        attempt: int,
+        ref: str,
+        job: ExternalJob,
+        reattached: bool,
+        *,
+        journaled: bool = True,
     ) -> JobOutcome:
+        """Journal the job's outcome (and its reference, unless `journaled` already)."""
         details = {str(k): str(v) for k, v in job.details.items()}
         status = "succeeded" if job.ok else "failed"
         self._journal(
             self.key(spec.name),
             attempt,
             status,
+            ref=None if journaled else ref,
             result={"message": job.message, "details": details},
         )
+        if not journaled:
+            crashpoints.hit(f"after_journal:{spec.name}")
         crashpoints.hit(f"after_outcome:{spec.name}")
         return JobOutcome(job.ok, ref, job.message, details, reattached)
 
@@ -394,5 +435,5 @@ class StepContext:
             )
         else:
             written = JournalEntry(key, attempt, self.run.state, status, ref, result)
-        assert self._entries is not None  # read by _entry just above
-        self._entries[key] = written
+        assert self.journal_seen is not None  # read by _entry just above
+        self.journal_seen[key] = written

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine import errors, logcontext
 from engine.context import ProgressSink, StepContext
-from engine.model import Lease, Loaded, Run, utcnow
+from engine.model import JournalEntry, Lease, Loaded, Run, utcnow
 from engine.store import Store
 from engine.workflow import Advance, Sleep, StepResult, Wait, Workflow
 
@@ -248,6 +248,7 @@ class Runner:
     ) -> Stop:
         """Each pass works on the run as its last write returned it (a claim, a transition)
         and reads it only when it has nothing fresher (a run a worker claimed)."""
+        made = 0  # the run version this drive's last transition made
         while True:
             beat.check()
             run, signals, published = loaded or self.store.load(lease.run_id)
@@ -266,28 +267,31 @@ class Runner:
                     trigger, consume=(ABORT,), details=aborted, publish={"aborted": aborted}
                 )
                 loaded = self._fire(lease, run, abort, cascade=(ABORT,))
+                made = loaded.run.version
                 continue
             if run.state == self.workflow.failed:
                 if not (retry and run.failed_from):
                     return Stop(run, "failed")
                 retry = False
                 loaded = self._fire(lease, run, Advance(f"retry:{run.failed_from}"))
+                made = loaded.run.version
                 continue
             retry = False  # only a run that was Failed when this drive began is retried
             if until == run.state:
                 return Stop(run, "until")
-            step = self._step(lease, run, beat, published)
+            step = self._step(lease, run, beat, published, fresh=run.version == made)
             if isinstance(step, Stop):
                 return step
             loaded = step
+            made = step.run.version
 
     def _step(
-        self, lease: Lease, run: Run, beat: Heartbeat, published: dict[str, Any]
+        self, lease: Lease, run: Run, beat: Heartbeat, published: dict[str, Any], *, fresh: bool
     ) -> Stop | Loaded:
         """Run the state's step and persist what it returned; a Stop when the drive ends,
         else the run as the transition left it."""
         try:
-            outcome = self._execute(run, beat, published)
+            outcome = self._execute(run, beat, published, fresh=fresh)
         except errors.Interrupted:
             return Stop(self.store.get(run.id), "interrupted")
         except errors.Yielded as exc:
@@ -303,9 +307,14 @@ class Runner:
             return Stop(self.store.get(run.id), "sleeping")
         return self._fire(lease, run, outcome)
 
-    def _execute(self, run: Run, beat: Heartbeat, published: dict[str, Any]) -> StepResult:
+    def _execute(
+        self, run: Run, beat: Heartbeat, published: dict[str, Any], *, fresh: bool
+    ) -> StepResult:
+        """Run the state's step, retrying transient errors. `fresh`: this drive's own
+        transition made this entry into the state, so its journal is known to be empty."""
         step = self.workflow.steps[run.state]
         retry = self.settings.retry(run.state)
+        entries: dict[str, JournalEntry] | None = {} if fresh else None
         attempt = 0
         while True:
             attempt += 1
@@ -323,10 +332,12 @@ class Runner:
                 timeout_s=self.settings.timeout(run.state),
                 initial_states=self.initial_states,
                 yield_after=self.settings.yield_after_s,
+                journal_seen=entries,
             )
-            if self.settings.yield_after_s is not None:  # re-entered: the same deadline
-                until = ctx.timer("deadline", self.settings.timeout(run.state))
-                ctx.deadline = time.monotonic() + (until - self.now()).total_seconds()
+            if self.settings.yield_after_s is not None:  # re-entered after a yield: the same
+                until = ctx.timer_set("deadline")  # deadline as before it
+                if until is not None:
+                    ctx.deadline = time.monotonic() + (until - self.now()).total_seconds()
             log.info(
                 "step %s of run %s (attempt %d)",
                 run.state,
@@ -336,12 +347,16 @@ class Runner:
             )
             try:
                 return step(ctx)
+            except errors.Yielded:  # the deadline is kept for the re-entry
+                ctx.timer("deadline", ctx.deadline - time.monotonic())
+                raise
             except errors.TransientError as exc:
                 if attempt >= retry.attempts:
                     return _failure(f"gave up after {attempt} attempts: {exc}")
                 delay = retry.delay(attempt)
                 self.progress(f"{run.state}: {exc}; retrying in {delay:g}s")
                 self._pause(delay)
+                entries = ctx.journal_seen  # what the failed attempt journaled
             except errors.StepFailed as exc:
                 return _failure(str(exc))
 

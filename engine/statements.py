@@ -221,6 +221,9 @@ fence = (
     .values(updated_at=_p("now"))
     .returning(*t.run.c)
 )
+touch = (
+    sa.update(t.run).where(_THIS_RUN, _RUN.lease_token == _p("token")).values(updated_at=_p("now"))
+)
 wait = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"), _HEAD_IS_PREV)
@@ -233,13 +236,6 @@ move_head = sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_head=_
 insert_event = sa.insert(t.run_event).inline()
 insert_signal = sa.insert(t.run_signal).inline()
 insert_lock = sa.insert(t.resource_lock).inline()
-insert_journal = sa.insert(t.step_journal).inline()
-# executed with the columns to set as further parameters (the SET clause names those given)
-update_journal = sa.update(t.step_journal).where(
-    t.step_journal.c.run_id == _p("journal_run"),
-    t.step_journal.c.step_key == _p("journal_step"),
-    t.step_journal.c.attempt == _p("journal_attempt"),
-)
 _pending = t.run_signal.alias("pending")
 release_locks = sa.delete(t.resource_lock).where(
     t.resource_lock.c.run_id == _p("run_id"),
@@ -287,3 +283,46 @@ def _postgresql_publish() -> sa.Insert:
 
 
 publish = _PerDialect(sqlite=_sqlite_publish, postgresql=_postgresql_publish)
+
+
+def _journal(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
+    """Insert one journal attempt, or update it: its status always, its external reference and
+    result when given (a NULL parameter keeps what the row holds)."""
+    journal = t.step_journal.c
+    values = insert.values(
+        run_id=_p("run_id"),
+        step_key=_p("step_key"),
+        attempt=_p("attempt"),
+        state=_p("state"),
+        status=_p("status"),
+        external_ref=_p("external_ref"),
+        result=sa.bindparam("result", type_=sa.JSON(none_as_null=True)),
+        lease_token=_p("token"),
+        created_at=_p("now"),
+        updated_at=_p("now"),
+    )
+    return values.on_conflict_do_update(
+        index_elements=[journal.run_id, journal.step_key, journal.attempt],
+        set_={
+            "status": values.excluded.status,
+            "lease_token": values.excluded.lease_token,
+            "updated_at": values.excluded.updated_at,
+            "external_ref": sa.func.coalesce(values.excluded.external_ref, journal.external_ref),
+            "result": sa.func.coalesce(values.excluded.result, journal.result),
+        },
+    )
+
+
+def _sqlite_journal() -> sa.Insert:
+    from sqlalchemy.dialects import sqlite
+
+    return _journal(sqlite.insert(t.step_journal))
+
+
+def _postgresql_journal() -> sa.Insert:
+    from sqlalchemy.dialects import postgresql
+
+    return _journal(postgresql.insert(t.step_journal))
+
+
+journal = _PerDialect(sqlite=_sqlite_journal, postgresql=_postgresql_journal)

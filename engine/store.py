@@ -78,6 +78,22 @@ def _notify(conn: sa.Connection, run_id: str) -> None:
         conn.execute(sa.select(sa.func.pg_notify(CHANNEL, run_id)))
 
 
+def _after(loaded: Loaded, consumed: Sequence[str], published: Mapping[str, Any] | None) -> Loaded:
+    """The run as a transition leaves it, from the run its UPDATE returned (RETURNING runs
+    before the transaction's later writes): the oldest pending signal of each consumed name
+    gone, and the values published added in the order a load reads them (by version, then
+    key), each as it reads back from its JSON column."""
+    signals = list(loaded.signals)
+    for name in consumed:
+        signals.remove(name)  # _consume has found it pending
+    data = dict(loaded.published)
+    new = dict(published or {})
+    for key in sorted(new):
+        data.pop(key, None)
+        data[key] = json.loads(json.dumps(new[key]))
+    return Loaded(loaded.run, signals, data)
+
+
 def _lease_lost(run: Run) -> errors.LeaseLost:
     """The error of a holder whose lease was taken over, naming who holds the run now."""
     return errors.lease_lost(run.id, run.lease_owner)
@@ -767,11 +783,9 @@ class Store:
                     .values(wake_at=now)
                 )
                 _notify(conn, run.parent_run_id)
-            if consume or publish:  # the UPDATE's RETURNING ran before these writes
-                row = conn.execute(q.load[conn.dialect.name], {"run_id": run.id}).mappings().one()
             crashpoints.hit(f"before_commit:{from_state}->{to_state}")
         crashpoints.hit(f"after_commit:{from_state}->{to_state}")
-        return self._loaded(row)
+        return _after(self._loaded(row), consume, publish)
 
     def _advance(
         self, conn: sa.Connection, update: sa.Update, change: dict[str, Any], event: dict[str, Any]
@@ -865,22 +879,21 @@ class Store:
         """Insert or update one journal attempt, fenced by the lease."""
         now = utcnow()
         with self._tx() as conn:
-            self._fenced(conn, lease)
-            changes = {"status": status, "lease_token": lease.token, "updated_at": now}
-            if external_ref is not None:
-                changes["external_ref"] = external_ref
-            if result is not None:
-                changes["result"] = dict(result)
-            where = {
-                "journal_run": lease.run_id,
-                "journal_step": step_key,
-                "journal_attempt": attempt,
-            }
-            if not conn.execute(q.update_journal, {**where, **changes}).rowcount:
-                key = {"run_id": lease.run_id, "step_key": step_key, "attempt": attempt}
-                conn.execute(
-                    q.insert_journal, {**key, **changes, "state": state, "created_at": now}
-                )
+            fence = {"run_id": lease.run_id, "token": lease.token, "now": now}
+            if not conn.execute(q.touch, fence).rowcount:
+                raise _lease_lost(self._get(conn, lease.run_id))
+            conn.execute(
+                q.journal[conn.dialect.name],
+                {
+                    **fence,
+                    "step_key": step_key,
+                    "attempt": attempt,
+                    "state": state,
+                    "status": status,
+                    "external_ref": external_ref,
+                    "result": None if result is None else dict(result),
+                },
+            )
 
     # ---- helpers -----------------------------------------------------------------------
 

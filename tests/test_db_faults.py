@@ -117,3 +117,36 @@ def test_many_processes_writing_at_once_all_finish_without_lock_errors(
         assert sorted(r.state for r in runs) == ["Done"] * 6
         for run in runs:
             assert d.transitions(s.events(run.id)) == STEPS
+
+
+@pytest.mark.postgres
+def test_an_idle_pooled_connection_that_died_is_replaced_before_use(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections are pinged only after sitting idle (IDLE_PING_S), not on every checkout: a
+    pooled connection terminated while idle is found dead by that ping and replaced, so the
+    next transaction, retried or not, runs on a new connection without an error; a connection
+    reused at once is not pinged (one round trip fewer on every transaction of a busy worker)."""
+    engine = db.connect(pg_url)
+    statements: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    pings: list[object] = []
+    ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda c: pings.append(c) or ping(c))
+    admin = sa.create_engine(db.normalise_url(pg_url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            first = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as conn:  # at once: the same connection, no ping
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == first
+        assert (len(statements), len(pings)) == (2, 0)
+        with admin.connect() as conn:
+            assert conn.exec_driver_sql(f"SELECT pg_terminate_backend({first})").scalar()
+        monkeypatch.setattr(db, "IDLE_PING_S", 0.0)  # as if it had sat idle for long
+        with engine.connect() as conn:
+            second = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        assert second != first
+        assert len(pings) == 1
+    finally:
+        admin.dispose()
+        engine.dispose()

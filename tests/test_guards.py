@@ -120,3 +120,38 @@ def test_a_holder_whose_expired_lease_was_taken_over_writes_nothing(engine: sa.E
         assert tables(store, run_id) == before, name
     store.transition(new, from_state="A", version=1, trigger="go", to_state="B")
     assert store.get(run_id).state == "B"
+
+
+def test_a_transition_returns_the_run_exactly_as_a_load_reads_it_after(engine: sa.Engine) -> None:
+    """The runner works on what a transition returns instead of reading the run again: the
+    UPDATE's RETURNING plus, worked out in Python, the signals it consumed and the values it
+    published (replaced ones move to the end, new ones by key, each as its JSON column gives it
+    back). It must equal a load made after the commit."""
+    store = Store(engine)
+    run_id, lease = new_run(store)
+    for name in ("go", "pause", "abort"):
+        assert store.send_signal(run_id, name, {}, "t@h:1")
+    first = store.transition(
+        lease,
+        from_state="A",
+        version=1,
+        trigger="t1",
+        to_state="B",
+        publish={"zeta": (1, 2), "alpha": {"n": 1}, "keep": "x"},
+        consume=("pause",),
+    )
+    assert first == store.load(run_id)
+    assert first.signals == ["go", "abort"]
+    assert first.published == {"alpha": {"n": 1}, "keep": "x", "zeta": [1, 2]}
+    second = store.transition(
+        lease,
+        from_state="B",
+        version=2,
+        trigger="t2",
+        to_state="C",
+        publish={"alpha": {1: "one"}, "beta": None},
+        consume=("go", "abort"),
+    )
+    assert second == store.load(run_id)
+    assert list(second.published) == ["keep", "zeta", "alpha", "beta"]
+    assert second.published["alpha"] == {"1": "one"} and second.signals == []
