@@ -111,8 +111,7 @@ def engine_rate(store: Store) -> Callable[[], int]:
     runner = Runner(store, noop_workflow(), SETTINGS, actor="bench@local:0")
 
     def one() -> int:
-        run = runner.create("bench", {})
-        runner.drive(run.id)
+        runner.start("bench", {})
         return 5
 
     return one
@@ -124,8 +123,7 @@ def nodepatch_rate(store: Store, sim_path: Path) -> Callable[[], int]:
         patch = NodePatch(cluster, lambda _k, _c: SimulatedPatcher(cluster))
         runner = Runner(store, patch.workflow(), SETTINGS, actor="bench@local:0")
         params = Params("cluster1", "hv01", Policies(), "simulated", 4)
-        run = runner.create(subject("cluster1", "hv01"), params.to_json())
-        assert runner.drive(run.id).run.state == "Done"
+        assert runner.start(subject("cluster1", "hv01"), params.to_json()).run.state == "Done"
         return 5
 
     return one

@@ -145,6 +145,26 @@ class Runner:
             detached=detached,
         )
 
+    def start(self, subject: str, params: Mapping[str, Any], *, until: str | None = None) -> Stop:
+        """Create a run and drive it at once: created already leased to this runner, in one
+        transaction with its first events, so that nothing can take it in between."""
+        if until is not None and until not in self.workflow.states:
+            raise errors.UsageError(
+                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
+            )
+        ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
+        run = self.store.create_run(
+            workflow=self.workflow.name,
+            workflow_version=self.workflow.version,
+            subject=subject,
+            state=self.workflow.initial,
+            params=params,
+            actor=self.actor,
+            lease=(self.actor, ttl),
+        )
+        lease = Lease(run.id, self.actor, run.lease_token)
+        return self.drive(run.id, until=until, lease=lease, loaded=Loaded(run, [], {}))
+
     def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> bool:
         """Record signal `name` for the run; False if the same signal is already pending."""
         allowed = sorted(self.workflow.signals | {ABORT})

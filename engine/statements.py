@@ -171,11 +171,15 @@ def _advance(*, final: bool) -> sa.Update:
         "waiting_for": None,
         "error": _p("new_error"),
         "failed_from": _p("new_failed_from"),
-        "finished_at": _p("now") if final else None,
         "audit_head": _p("head"),
     }
-    if final:
-        values |= {"lease_owner": None, "lease_expires_at": None, "heartbeat_at": None}
+    if final:  # (before, finished_at is NULL: left out of the SET, its indexes are not touched)
+        values |= {
+            "finished_at": _p("now"),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "heartbeat_at": None,
+        }
     return (
         sa.update(t.run)
         .where(
@@ -285,44 +289,69 @@ def _postgresql_publish() -> sa.Insert:
 publish = _PerDialect(sqlite=_sqlite_publish, postgresql=_postgresql_publish)
 
 
-def _journal(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
-    """Insert one journal attempt, or update it: its status always, its external reference and
-    result when given (a NULL parameter keeps what the row holds)."""
+_JOURNAL_COLUMNS = (
+    "run_id", "step_key", "attempt", "state", "status", "external_ref", "result", "lease_token",
+    "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _journal_values(run_id: sa.ColumnElement[Any]) -> list[sa.ColumnElement[Any]]:
+    """The values of one journal attempt, in _JOURNAL_COLUMNS order. A NULL reference or
+    result (as the parameter says none) is SQL NULL, not JSON null, so that an update keeps
+    what the row holds."""
     journal = t.step_journal.c
-    values = insert.values(
-        run_id=_p("run_id"),
-        step_key=_p("step_key"),
-        attempt=_p("attempt"),
-        state=_p("state"),
-        status=_p("status"),
-        external_ref=_p("external_ref"),
-        result=sa.bindparam("result", type_=sa.JSON(none_as_null=True)),
-        lease_token=_p("token"),
-        created_at=_p("now"),
-        updated_at=_p("now"),
-    )
-    return values.on_conflict_do_update(
+    return [
+        run_id,
+        sa.bindparam("step_key", type_=journal.step_key.type),
+        sa.bindparam("attempt", type_=journal.attempt.type),
+        # not "state": an UPDATE given a parameter named as a column of its table sets it
+        sa.bindparam("journal_state", type_=journal.state.type),
+        sa.bindparam("status", type_=journal.status.type),
+        sa.bindparam("external_ref", type_=journal.external_ref.type),
+        sa.bindparam("result", type_=sa.JSON(none_as_null=True)),
+        sa.bindparam("token", type_=journal.lease_token.type),
+        sa.bindparam("now", type_=journal.created_at.type),
+        sa.bindparam("now", type_=journal.updated_at.type),
+    ]
+
+
+def _upsert(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
+    """Insert one journal attempt, or update it: its status always, its external reference and
+    result when given (NULL keeps what the row holds)."""
+    journal = t.step_journal.c
+    return insert.on_conflict_do_update(
         index_elements=[journal.run_id, journal.step_key, journal.attempt],
         set_={
-            "status": values.excluded.status,
-            "lease_token": values.excluded.lease_token,
-            "updated_at": values.excluded.updated_at,
-            "external_ref": sa.func.coalesce(values.excluded.external_ref, journal.external_ref),
-            "result": sa.func.coalesce(values.excluded.result, journal.result),
+            "status": insert.excluded.status,
+            "lease_token": insert.excluded.lease_token,
+            "updated_at": insert.excluded.updated_at,
+            "external_ref": sa.func.coalesce(insert.excluded.external_ref, journal.external_ref),
+            "result": sa.func.coalesce(insert.excluded.result, journal.result),
         },
     )
 
 
-def _sqlite_journal() -> sa.Insert:
+def _sqlite_journal() -> tuple[sa.Executable, ...]:
+    """SQLite: touch the run under the lease token (taking the write lock), then the upsert."""
     from sqlalchemy.dialects import sqlite
 
-    return _journal(sqlite.insert(t.step_journal))
+    values = dict(zip(_JOURNAL_COLUMNS, _journal_values(_p("run_id")), strict=True))
+    upsert = _upsert(sqlite.insert(t.step_journal).values(values))
+    return touch, upsert.execution_options(preserve_rowcount=True)  # an INSERT's, kept
 
 
-def _postgresql_journal() -> sa.Insert:
+def _postgresql_journal() -> tuple[sa.Executable, ...]:
+    """PostgreSQL: one statement: the fencing UPDATE as a CTE, whose row (none when the lease
+    is lost) the upsert inserts from."""
     from sqlalchemy.dialects import postgresql
 
-    return _journal(postgresql.insert(t.step_journal))
+    fenced = touch.returning(_RUN.id).cte("fenced")
+    rows = sa.select(*_journal_values(fenced.c.id)).select_from(fenced)
+    upsert = _upsert(postgresql.insert(t.step_journal).from_select(_JOURNAL_COLUMNS, rows))
+    return (upsert.execution_options(preserve_rowcount=True),)  # an INSERT's, kept
 
 
+# A journal write: statements run in order, each of which must change a row (none: the lease
+# was lost). Parameters: run_id, token, now, step_key, attempt, journal_state, status,
+# external_ref, result.
 journal = _PerDialect(sqlite=_sqlite_journal, postgresql=_postgresql_journal)

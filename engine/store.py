@@ -321,9 +321,12 @@ class Store:
         parent: Run | None = None,
         child_key: str | None = None,
         detached: bool = False,
+        lease: tuple[str, dt.timedelta] | None = None,
     ) -> Run:
         """A new run. The database allows one unfinished run per subject: a second one is Busy,
-        naming the first. A child (`parent`, `child_key`) belongs to its parent's family."""
+        naming the first. A child (`parent`, `child_key`) belongs to its parent's family. With
+        `lease` (owner, ttl) the run is created leased to that owner (token 1), in the same
+        transaction and with the same events as a create and a claim."""
         now = utcnow()
         run_id = new_run_id(now)
         family: dict[str, Any] = {}
@@ -343,7 +346,18 @@ class Store:
             to_state=state,
             details={"params": dict(params), **family},
         )
-        event = chain.linked(created, chain.GENESIS)
+        events = [chain.linked(created, chain.GENESIS)]
+        leased: dict[str, Any] = {"lease_token": 0}
+        if lease is not None:
+            owner, ttl = lease
+            taken = _event_fields(run_id, 1, "lease", actor=owner, token=1, now=now)
+            events.append(chain.linked(taken, events[0]["hash"]))
+            leased = {
+                "lease_owner": owner,
+                "lease_token": 1,
+                "lease_expires_at": now + ttl,
+                "heartbeat_at": now,
+            }
         try:
             with self._tx() as conn:
                 row = (
@@ -360,7 +374,8 @@ class Store:
                             "created_by": actor,
                             "created_at": now,
                             "updated_at": now,
-                            "audit_head": event["hash"],
+                            "audit_head": events[-1]["hash"],
+                            **leased,
                             "detached": detached,
                             "wake_at": now if detached else None,
                             "parent_run_id": family.get("parent_run_id"),
@@ -371,7 +386,8 @@ class Store:
                     .mappings()
                     .one()
                 )
-                conn.execute(q.insert_event, event)
+                for event in events:
+                    conn.execute(q.insert_event, event)
                 if detached:
                     _notify(conn, run_id)
         except sa.exc.IntegrityError as exc:
@@ -877,23 +893,21 @@ class Store:
         result: Mapping[str, Any] | None = None,
     ) -> None:
         """Insert or update one journal attempt, fenced by the lease."""
-        now = utcnow()
+        params = {
+            "run_id": lease.run_id,
+            "token": lease.token,
+            "now": utcnow(),
+            "step_key": step_key,
+            "attempt": attempt,
+            "journal_state": state,
+            "status": status,
+            "external_ref": external_ref,
+            "result": None if result is None else dict(result),
+        }
         with self._tx() as conn:
-            fence = {"run_id": lease.run_id, "token": lease.token, "now": now}
-            if not conn.execute(q.touch, fence).rowcount:
-                raise _lease_lost(self._get(conn, lease.run_id))
-            conn.execute(
-                q.journal[conn.dialect.name],
-                {
-                    **fence,
-                    "step_key": step_key,
-                    "attempt": attempt,
-                    "state": state,
-                    "status": status,
-                    "external_ref": external_ref,
-                    "result": None if result is None else dict(result),
-                },
-            )
+            for statement in q.journal[conn.dialect.name]:
+                if not conn.execute(statement, params).rowcount:
+                    raise _lease_lost(self._get(conn, lease.run_id))
 
     # ---- helpers -----------------------------------------------------------------------
 

@@ -107,6 +107,29 @@ def test_full_cycle_persists_every_transition_with_audit(engine: sa.Engine) -> N
     assert toy.submitted == ["job0"]
 
 
+def test_start_creates_the_run_leased_and_drives_it_with_the_same_trail(engine: sa.Engine) -> None:
+    """`start` creates the run already leased (one transaction fewer than a create and a
+    claim, and no moment when another process could take it), then drives it; the trail
+    holds the same events as a create followed by a drive, and its hash chain verifies."""
+    from engine import audit
+
+    toy = Toy()
+    runner = make(engine, toy)
+    stop = runner.start("x/1", {"p": 1})
+    assert (stop.reason, stop.run.state) == ("waiting", "C")
+    assert runner.store.get(stop.run.id).lease_owner is None  # given back at the stop
+    with pytest.raises(errors.Busy):
+        runner.start("x/1", {})
+    started = [e.kind for e in runner.store.events(stop.run.id)]
+    runner.signal(stop.run.id, "go_on")
+    assert runner.drive(stop.run.id).run.state == "Done"  # the lock cluster:x is free again
+    created = runner.create("x/2", {"p": 1})
+    runner.drive(created.id)
+    assert started == [e.kind for e in runner.store.events(created.id)]
+    assert started[:2] == ["created", "lease"]
+    assert audit.verify(runner.store, stop.run.id) == []
+
+
 def test_until_stops_on_entering_the_state_before_its_step(engine: sa.Engine) -> None:
     """--until B stops at B without running B's side effect; a later drive continues."""
     toy = Toy()
