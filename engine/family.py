@@ -52,7 +52,7 @@ def drive_family(
             runner_for,
             root_id,
             token,
-            until=until if first else None,
+            until=until,  # not yet reached: the root stops on entering it
             retry=retry and first,
             early=early and first,
         )

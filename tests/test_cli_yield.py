@@ -123,6 +123,19 @@ def test_a_reboot_is_waited_for_outside_the_lease_and_quietly(tmp_path: Path, db
     assert "sleeping until" not in log.read_text(encoding="utf-8")
 
 
+def test_until_holds_across_the_hand_backs(tmp_path: Path, db_url: str) -> None:
+    """`start --until Rebalancing` whose Patching step gives its lease back several times still
+    stops on entering Rebalancing (exit 3), before moving any VM back."""
+    cli = d.make_cli(tmp_path, db_url, _config(tmp_path / "nodepatch.log"))
+    sim = _cluster(cli)
+    result = cli("start", "--cluster", "c1", "--node", "hv1", "--until", "Rebalancing", "--json")
+    assert result.code == d.EXIT_STOPPED, result.err
+    assert result.json()["state"] == "Rebalancing" and result.json()["stopped"] == "until"
+    with d.store(db_url) as s:
+        assert len(_claims(s.events(result.json()["run_id"]))) > 1  # it did hand back
+    assert "move_vm:h1" not in d.operations(sim.counts())
+
+
 def test_a_worker_that_claims_the_run_meanwhile_drives_it_on(tmp_path: Path, db_url: str) -> None:
     """While `start` sleeps between two checks, the run is handed to the workers (`resume
     --detach`) and a worker claims it: the command exits 3 naming the worker instead of fighting
