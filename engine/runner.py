@@ -314,9 +314,17 @@ class Runner:
             outcome = self._execute(run, beat, published, fresh=fresh)
         except errors.Interrupted:
             return Stop(self.store.get(run.id), "interrupted")
-        except errors.Yielded as exc:
+        except errors.Yielded as exc:  # an internal hand-back: logged, never shown
             until = self.now() + dt.timedelta(seconds=self.settings.poll_interval_s)
-            outcome = Sleep(until, str(exc))
+            self.store.set_sleep(lease, until, str(exc))
+            log.debug(
+                "run %s gives its lease back until %s: %s",
+                run.id,
+                until.isoformat(),
+                exc,
+                extra={"action": "step_yielded", "run_id": run.id, "state": run.state},
+            )
+            return Stop(self.store.get(run.id), "sleeping")
         if isinstance(outcome, Wait):
             self.store.set_waiting(lease, outcome.signal, outcome.reason)
             self.progress(f"waiting for signal {outcome.signal!r}: {outcome.reason}")

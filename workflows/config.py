@@ -302,6 +302,11 @@ class Policies(Model):
 class Engine(Model):
     lease_ttl_s: Seconds = 30.0
     poll_interval_s: Seconds = 2.0
+    yield_after_s: Seconds = Field(
+        default=30.0,
+        description="a step waiting on the cluster gives its lease back after this long "
+        "(workers and commands driving one run)",
+    )
 
 
 class NodePatchTimeouts(Model):

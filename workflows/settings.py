@@ -50,6 +50,9 @@ class Settings:
     patcher: str = "auto"
     patcher_options: Mapping[str, Any] = field(default_factory=dict)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
+    # How long a step waits in one go before it gives its lease back and sleeps a poll interval:
+    # the workers' default, and what `start` / `resume` / `abort` use for the run they drive.
+    yield_after_s: float = 30.0
     timeouts_s: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     log_file: str | None = None
     cycle: Mapping[str, Any] = field(default_factory=dict)  # CycleParams field defaults
@@ -179,6 +182,7 @@ def from_mapping(data: Mapping[str, Any]) -> Settings:
         patcher=patcher.kind,
         patcher_options=raw_patcher.get(patcher.kind, {}) if patcher.kind != "auto" else {},
         runner=runner,
+        yield_after_s=model.engine.yield_after_s,
         timeouts_s=_per_workflow(model.timeouts_s, timeouts),
         log_file=model.log.file,
         cycle=cycle_config.defaults(

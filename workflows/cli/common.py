@@ -28,6 +28,7 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_WARNINGS",
     "emit",
+    "handed_over",
     "inventory",
     "json_option",
     "pass_app",
@@ -51,3 +52,9 @@ def inventory(app: App, cluster: str) -> Inventory:
         return app.backend.inventory(cluster)
     except errors.NotFound as exc:
         raise errors.UsageError(str(exc)) from exc
+
+
+def handed_over(run_id: str, holder: str) -> str:
+    """What a command says when another process (a worker) claimed the run it was driving while
+    it slept between two checks: that process drives it now (exit 3)."""
+    return f"run {run_id} is now driven by {holder}; follow it with `nodepatch status {run_id}`"

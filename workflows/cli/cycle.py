@@ -17,7 +17,15 @@ from engine.model import Run
 from workflows import plan as planning
 from workflows import render
 from workflows.app import App
-from workflows.cli.common import EXIT_DONE, EXIT_FAILED, EXIT_STOPPED, emit, inventory, pass_app
+from workflows.cli.common import (
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    emit,
+    handed_over,
+    inventory,
+    pass_app,
+)
 from workflows.cli.interrupts import graceful
 from workflows.cli.webhooks import deliver_after
 from workflows.cycle import view, waves
@@ -227,6 +235,13 @@ def drive(
             sleep=time.sleep,
             stopping=stop_flag.is_set,
         )
+    if stopped.handed_to is not None:  # a worker claimed the cycle while this process slept
+        deliver_after(app)
+        if as_json:
+            doc = status_doc(app, stopped.stop.run)
+            emit({**doc, "stopped": "handed_over", "by": stopped.handed_to})
+        click.echo(handed_over(run_id, stopped.handed_to), err=True)
+        sys.exit(EXIT_STOPPED)
     _finish(app, stopped.stop.run, stopped.stop.reason, as_json, stopped.waiting_children)
 
 

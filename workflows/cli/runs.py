@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import click
@@ -21,6 +23,7 @@ from workflows.cli.common import (
     EXIT_STOPPED,
     EXIT_WARNINGS,
     emit,
+    handed_over,
     inventory,
     json_option,
     pass_app,
@@ -317,14 +320,40 @@ def _drive(
     retry: bool = False,
     bound: tuple[threading.Timer, float] | None = None,
 ) -> None:
+    """Drive the run here until it stops; a step that waits long (a reboot) gives its lease
+    back every `engine.yield_after_s` and is driven again after its short sleep, outside the
+    lease (see `engine.family`)."""
+    from engine.family import drive_family
+
+    runner.settings = replace(runner.settings, yield_after_s=app.settings.yield_after_s)
     with graceful(runner.stop_requested, run_id):
         try:
-            stop = runner.drive(run_id, until=until, retry=retry)
+            stopped = drive_family(
+                app.store,
+                lambda _run: runner,
+                run_id,
+                until=until,
+                retry=retry,
+                sleep=time.sleep,
+                stopping=runner.stop_requested.is_set,
+            )
         finally:
             terminal.settle()  # the live progress panel goes before the result is printed
-    timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
+    stop = stopped.stop
     deliver_after(app)
+    if stopped.handed_to is not None:
+        _handed_over(app, stop.run, stopped.handed_to, as_json)
+    timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
     _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
+
+
+def _handed_over(app: App, run: Run, holder: str, as_json: bool) -> NoReturn:
+    """Another process (a worker) claimed the run while this one slept between two checks:
+    it drives the run now, and this command leaves it alone (exit 3)."""
+    if as_json:
+        emit({**render.run_json(run, app.store.published(run.id), "handed_over"), "by": holder})
+    click.echo(handed_over(run.id, holder), err=True)
+    sys.exit(EXIT_STOPPED)
 
 
 def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) -> None:

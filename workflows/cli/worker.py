@@ -63,9 +63,8 @@ def _count_statements(app: App, path: Path, stop: threading.Event) -> None:
     "--yield-after",
     "yield_s",
     type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="A step waiting on the cluster gives its slot back after this long, and is resumed.",
+    help="A step waiting on the cluster gives its slot back after this long, and is resumed "
+    "[default: engine.yield_after_s, 30].",
 )
 @click.option(
     "--grace",
@@ -92,7 +91,7 @@ def worker_cmd(
     concurrency: int,
     until_idle: bool,
     poll_s: float,
-    yield_s: float,
+    yield_s: float | None,
     grace_s: float,
     metrics_port: int | None,
     metrics_addr: str,
@@ -103,7 +102,7 @@ def worker_cmd(
         concurrency=concurrency,
         lease_ttl_s=app.settings.runner.lease_ttl_s,
         poll_interval_s=poll_s,
-        yield_after_s=yield_s,
+        yield_after_s=app.settings.yield_after_s if yield_s is None else yield_s,
     )
     app.progress = terminal.progress_sink(terminal.interactive(sys.stderr), live=False)
     worker = Worker(app.store, app.runner_for, settings, owner=actor())
