@@ -2,7 +2,9 @@
 
 Each slot claims one due run (see `Store.claim_next`: SKIP LOCKED on PostgreSQL, BEGIN
 IMMEDIATE on SQLite), drives it to its next stop (final, failed, waiting for a signal, asleep on
-a timer) and claims the next. A stop request (SIGTERM) ends claiming, and in-flight runs stop at
+a timer) and claims the next. Idle slots take turns: one at a time looks for work and naps until
+a wake-up or its poll interval, so an idle worker costs the database the same however many
+slots it has. A stop request (SIGTERM) ends claiming, and in-flight runs stop at
 their next durable point and give their leases back. A worker that dies loses nothing: its
 leases expire and other workers take the runs over.
 """
@@ -23,6 +25,7 @@ from engine.store import Store
 log = logging.getLogger("nodepatch.worker")
 
 ERROR_BACKOFF = dt.timedelta(seconds=60)
+TURN_WAIT_S = 0.1  # how often a slot waiting for its turn looks at a stop request
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class Worker:
         self.driven = 0
         self._busy = 0
         self._lock = threading.Lock()
+        # The turn to look for due runs: one idle slot at a time claims or naps (a wake-up
+        # ends its nap), so that the database sees one poll per interval from this process
+        # however many slots wait; a slot that claimed a run hands the turn on at once.
+        self._turn = threading.Lock()
 
     def request_stop(self) -> None:
         """No new claims; in-flight runs stop at their next durable point."""
@@ -86,17 +93,24 @@ class Worker:
         owner = f"{self.owner}#{index}"
         ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
         while not self.stop.is_set():
+            if not self._turn.acquire(timeout=TURN_WAIT_S):  # another idle slot is looking
+                continue
             try:
-                claimed = self.store.claim_due(owner, ttl, self.now())
-            except errors.DatabaseError as exc:
-                log.warning("claiming failed: %s", exc, extra={"action": "claim_failed"})
-                self.stop.wait(self.settings.poll_interval_s)
-                continue
-            if claimed is None:
-                if until_idle and self._idle():
+                if self.stop.is_set():  # asked while this slot waited for its turn
                     return
-                self._nap()
-                continue
+                try:
+                    claimed = self.store.claim_due(owner, ttl, self.now())
+                except errors.DatabaseError as exc:
+                    log.warning("claiming failed: %s", exc, extra={"action": "claim_failed"})
+                    self.stop.wait(self.settings.poll_interval_s)
+                    continue
+                if claimed is None:
+                    if until_idle and self._idle():
+                        return
+                    self._nap()
+                    continue
+            finally:
+                self._turn.release()
             with self._lock:
                 self._busy += 1
             try:
