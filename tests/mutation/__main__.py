@@ -75,6 +75,14 @@ WORKFLOW_TESTS = (
 )
 TARGETS = {
     "engine/store.py": ENGINE_TESTS,
+    "engine/storebase.py": ENGINE_TESTS,
+    "engine/dbretry.py": ENGINE_TESTS,
+    "engine/reads.py": ENGINE_TESTS,
+    "engine/creation.py": ENGINE_TESTS,
+    "engine/leases.py": ENGINE_TESTS,
+    "engine/signals.py": ENGINE_TESTS,
+    "engine/advance.py": ENGINE_TESTS,
+    "engine/journal.py": ENGINE_TESTS,
     "engine/context.py": ENGINE_TESTS,
     "workflows/plan.py": WORKFLOW_TESTS,
     "workflows/node_patch.py": WORKFLOW_TESTS,

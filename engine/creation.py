@@ -1,0 +1,117 @@
+"""Creating a run: its ID, the row and its `created` event (and, when it is created leased,
+its `lease` event) in one transaction; a second unfinished run of the same subject is Busy,
+naming the first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine import chain, errors
+from engine import statements as q
+from engine.model import Run, utcnow
+from engine.reads import Reads
+from engine.storebase import _event_fields, _notify
+
+
+def new_run_id(now: dt.datetime) -> str:
+    """Sortable and short enough to type: 20261125-100312-3f9a1c."""
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+class Creation(Reads):
+    def create_run(
+        self,
+        *,
+        workflow: str,
+        workflow_version: int,
+        subject: str,
+        state: str,
+        params: Mapping[str, Any],
+        actor: str,
+        parent: Run | None = None,
+        child_key: str | None = None,
+        detached: bool = False,
+        lease: tuple[str, dt.timedelta] | None = None,
+    ) -> Run:
+        """A new run. The database allows one unfinished run per subject: a second one is Busy,
+        naming the first. A child (`parent`, `child_key`) belongs to its parent's family. With
+        `lease` (owner, ttl) the run is created leased to that owner (token 1), in the same
+        transaction and with the same events as a create and a claim."""
+        now = utcnow()
+        run_id = new_run_id(now)
+        family: dict[str, Any] = {}
+        if parent is not None:
+            family = {
+                "parent_run_id": parent.id,
+                "root_run_id": parent.root,
+                "child_key": child_key,
+            }
+        created = _event_fields(
+            run_id,
+            1,
+            "created",
+            actor=actor,
+            token=0,
+            now=now,
+            to_state=state,
+            details={"params": dict(params), **family},
+        )
+        events = [chain.linked(created, chain.GENESIS)]
+        leased: dict[str, Any] = {"lease_token": 0}
+        if lease is not None:
+            owner, ttl = lease
+            taken = _event_fields(run_id, 1, "lease", actor=owner, token=1, now=now)
+            events.append(chain.linked(taken, events[0]["hash"]))
+            leased = {
+                "lease_owner": owner,
+                "lease_token": 1,
+                "lease_expires_at": now + ttl,
+                "heartbeat_at": now,
+            }
+        try:
+            with self._tx() as conn:
+                row = (
+                    conn.execute(
+                        q.create_run,
+                        {
+                            "id": run_id,
+                            "workflow": workflow,
+                            "workflow_version": workflow_version,
+                            "subject": subject,
+                            "state": state,
+                            "version": 1,
+                            "params": dict(params),
+                            "created_by": actor,
+                            "created_at": now,
+                            "updated_at": now,
+                            "audit_head": events[-1]["hash"],
+                            **leased,
+                            "detached": detached,
+                            "wake_at": now if detached else None,
+                            "parent_run_id": family.get("parent_run_id"),
+                            "root_run_id": family.get("root_run_id"),
+                            "child_key": family.get("child_key"),
+                        },
+                    )
+                    .mappings()
+                    .one()
+                )
+                for event in events:
+                    conn.execute(q.insert_event, event)
+                if detached:
+                    _notify(conn, run_id)
+        except sa.exc.IntegrityError as exc:
+            active = self.runs(subject_prefix=subject, active_only=True, limit=20)
+            winner = next((r for r in active if r.subject == subject), None)
+            if winner is None:
+                raise errors.DatabaseError(f"cannot create the run: {exc.orig}") from exc
+            holder = f", held by {winner.lease_owner}" if winner.lease_live(now) else ""
+            raise errors.Busy(
+                f"{subject} already has the unfinished run {winner.id} ({winner.state}{holder})"
+            ) from exc
+        return self._seen(Run.from_row(row))

@@ -1,0 +1,71 @@
+"""The step journal: each attempt of a step, keyed by (run, step key, attempt), written under
+the run's lease (a write after the lease was lost is LeaseLost), and read back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine import schema as t
+from engine import statements as q
+from engine.dbretry import retried
+from engine.model import JournalEntry, Lease, utcnow
+from engine.storebase import StoreBase, _lease_lost
+
+
+class Journal(StoreBase):
+    @retried
+    def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
+        with self._tx(read_only=True) as conn:
+            row = (
+                conn.execute(
+                    sa.select(t.step_journal)
+                    .where(t.step_journal.c.run_id == run_id, t.step_journal.c.step_key == step_key)
+                    .order_by(t.step_journal.c.attempt.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+        return JournalEntry.from_row(row) if row else None
+
+    @retried
+    def journal_entries(self, run_id: str) -> list[JournalEntry]:
+        with self._tx(read_only=True) as conn:
+            rows = conn.execute(
+                sa.select(t.step_journal)
+                .where(t.step_journal.c.run_id == run_id)
+                .order_by(t.step_journal.c.created_at, t.step_journal.c.step_key)
+            ).mappings()
+            return [JournalEntry.from_row(r) for r in rows]
+
+    @retried
+    def journal_write(
+        self,
+        lease: Lease,
+        *,
+        step_key: str,
+        attempt: int,
+        state: str,
+        status: str,
+        external_ref: str | None = None,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Insert or update one journal attempt, fenced by the lease."""
+        params = {
+            "run_id": lease.run_id,
+            "token": lease.token,
+            "now": utcnow(),
+            "step_key": step_key,
+            "attempt": attempt,
+            "journal_state": state,
+            "status": status,
+            "external_ref": external_ref,
+            "result": None if result is None else dict(result),
+        }
+        with self._tx() as conn:
+            for statement in q.journal[conn.dialect.name]:
+                if not conn.execute(statement, params).rowcount:
+                    raise _lease_lost(self._get(conn, lease.run_id))

@@ -1,0 +1,265 @@
+"""Claims, leases and timers: taking a run's lease (by ID, or the next due run for a
+worker), renewing and releasing it; which runs are due; durable timers (`set_sleep`,
+`wake`, `next_wake`), detaching a run for the workers, and listening for wake-ups
+(PostgreSQL LISTEN/NOTIFY)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine import chain, errors
+from engine import schema as t
+from engine import statements as q
+from engine.dbretry import retried
+from engine.model import Lease, Loaded, Run, as_utc, utcnow
+from engine.storebase import CHANNEL, StoreBase, _event_fields, _notify
+
+log = logging.getLogger("nodepatch.store")
+
+
+class Leases(StoreBase):
+    def claim_next(self, owner: str, ttl: dt.timedelta, now: dt.datetime) -> Lease | None:
+        """Claim one run that is due for a worker (see `claim_due`)."""
+        claimed = self.claim_due(owner, ttl, now)
+        return None if claimed is None else claimed[0]
+
+    @retried
+    def claim_due(
+        self, owner: str, ttl: dt.timedelta, now: dt.datetime
+    ) -> tuple[Lease, Loaded] | None:
+        """Claim one run that is due for a worker: detached, unfinished, not failed (unless an
+        abort is pending), not waiting for a signal that has not come, its timer passed, its
+        lease free or expired; with the run as loaded after the claim. PostgreSQL skips rows
+        other workers are claiming (SKIP LOCKED); SQLite's writers are serialised by BEGIN
+        IMMEDIATE. Three statements: the pick, the guarded UPDATE (which returns the run) and
+        the lease event."""
+        with self._tx() as conn:
+            query = sa.select(t.run).where(*self._due(now))
+            query = query.order_by(t.run.c.wake_at, t.run.c.created_at).limit(1)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True, of=t.run)
+            found = conn.execute(query).mappings().first()
+            if found is None:
+                return None
+            run = Run.from_row(found)
+            token = run.lease_token + 1
+            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+            leased = _event_fields(
+                run.id,
+                run.version,
+                "lease",
+                actor=owner,
+                token=token,
+                now=now,
+                details={"taken_over_from": previous} if previous else {},
+            )
+            event = chain.linked(leased, self._prev_hash(conn, run))
+            row = (
+                conn.execute(
+                    q.claim_loaded[conn.dialect.name],
+                    {
+                        "run_id": run.id,
+                        "old_token": run.lease_token,
+                        "prev_head": run.audit_head,
+                        "owner": owner,
+                        "new_token": token,
+                        "expires_at": now + ttl,
+                        "now": now,
+                        "head": event["hash"],
+                    },
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:  # the row is locked (PostgreSQL) or the writer alone (SQLite)
+                raise AssertionError(f"run {run.id} changed under its lock")
+            conn.execute(q.insert_event, event)
+        return Lease(run.id, owner, token), self._loaded(row)
+
+    @retried
+    def due_count(self, now: dt.datetime) -> int:
+        with self._tx(read_only=True) as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(t.run).where(*self._due(now))
+                ).scalar_one()
+            )
+
+    @staticmethod
+    def _due(now: dt.datetime) -> list[sa.ColumnElement[bool]]:
+        pending = sa.select(t.run_signal.c.id).where(
+            t.run_signal.c.run_id == t.run.c.id, t.run_signal.c.consumed_at.is_(None)
+        )
+        abort = pending.where(t.run_signal.c.name == "abort").exists()
+        awaited = pending.where(t.run_signal.c.name == t.run.c.waiting_for).exists()
+        return [
+            t.run.c.detached.is_(True),
+            t.run.c.finished_at.is_(None),
+            sa.or_(t.run.c.failed_from.is_(None), abort),
+            sa.or_(t.run.c.waiting_for.is_(None), awaited, abort),
+            sa.or_(t.run.c.wake_at.is_(None), t.run.c.wake_at <= now, abort),
+            sa.or_(t.run.c.lease_expires_at.is_(None), t.run.c.lease_expires_at <= now),
+        ]
+
+    @retried
+    def set_sleep(self, lease: Lease, until: dt.datetime, reason: str) -> None:
+        """A durable timer: the run is not due again before `until`."""
+        with self._tx() as conn:
+            run = self._fenced(conn, lease)
+            conn.execute(t.run.update().where(t.run.c.id == lease.run_id).values(wake_at=until))
+            self._event(
+                conn,
+                lease.run_id,
+                run.version,
+                "sleeping",
+                actor=lease.owner,
+                token=lease.token,
+                details={"until": until.isoformat(), "reason": reason},
+            )
+
+    @retried
+    def wake(self, run_id: str, now: dt.datetime) -> None:
+        """Make a sleeping run due now (an operator's `resume --now`, a child that ended)."""
+        with self._tx() as conn:
+            conn.execute(
+                t.run.update()
+                .where(t.run.c.id == run_id, t.run.c.wake_at > now)
+                .values(wake_at=now)
+            )
+            _notify(conn, run_id)
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call `wake` whenever a run may have become due, until `stop` (PostgreSQL LISTEN on
+        its own connection; returns at once on SQLite, where workers poll)."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        while not stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+                try:
+                    pg: Any = raw.driver_connection
+                    pg.autocommit = True
+                    pg.execute(f"LISTEN {CHANNEL}")
+                    while not stop.is_set():
+                        for _ in pg.notifies(timeout=1.0, stop_after=1):
+                            wake()
+                finally:
+                    raw.invalidate()  # never hand a LISTENing connection back to the pool
+            except Exception as exc:  # noqa: BLE001 - a lost connection: poll, then listen again
+                log.warning("listening for wake-ups failed: %s", exc)
+                stop.wait(1.0)
+
+    @retried
+    def next_wake(self, now: dt.datetime) -> dt.datetime | None:
+        """When the next detached run's timer falls due, for a worker to sleep until then."""
+        with self._tx(read_only=True) as conn:
+            found = conn.execute(
+                sa.select(sa.func.min(t.run.c.wake_at)).where(
+                    t.run.c.detached.is_(True),
+                    t.run.c.finished_at.is_(None),
+                    t.run.c.wake_at > now,
+                )
+            ).scalar()
+        return as_utc(found)
+
+    @retried
+    def set_detached(self, run_id: str, detached: bool) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                t.run.update().where(t.run.c.id == run_id).values(detached=detached, wake_at=None)
+            )
+
+    def claim(self, run_id: str, owner: str, ttl: dt.timedelta) -> Lease:
+        """Take the run's lease; Busy if another owner holds a live one."""
+        lease, _loaded = self.take(run_id, owner, ttl)
+        assert lease is not None
+        return lease
+
+    @retried
+    def take(
+        self,
+        run_id: str,
+        owner: str,
+        ttl: dt.timedelta,
+        *,
+        awake_at: dt.datetime | None = None,
+    ) -> tuple[Lease | None, Loaded]:
+        """Take the run's lease (Busy if another owner holds a live one) and return it with
+        the run as loaded after the claim. With `awake_at`, a run asleep at that time (its
+        timer later, no abort pending) is not taken: (None, the run) and nothing written."""
+        now = utcnow()
+        with self._tx() as conn:
+            run = self._get(conn, run_id, lock=True)
+            if (
+                awake_at is not None
+                and run.wake_at is not None
+                and run.wake_at > awake_at
+                and "abort" not in self._pending(conn, run_id)
+            ):
+                loaded = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings()
+                return None, self._loaded(loaded.one())
+            if run.lease_live(now) and run.lease_owner != owner:
+                until = run.lease_expires_at
+                raise errors.Busy(
+                    f"run {run_id} is held by {run.lease_owner} (lease until {until:%H:%M:%S} UTC)"
+                    if until
+                    else f"run {run_id} is held by {run.lease_owner}"
+                )
+            token = run.lease_token + 1
+            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+            leased = _event_fields(
+                run_id,
+                run.version,
+                "lease",
+                actor=owner,
+                token=token,
+                now=now,
+                details={"taken_over_from": previous} if previous else {},
+            )
+            event = chain.linked(leased, self._prev_hash(conn, run))
+            updated = conn.execute(
+                q.claim_loaded[conn.dialect.name],
+                {
+                    "run_id": run_id,
+                    "old_token": run.lease_token,
+                    "prev_head": run.audit_head,
+                    "owner": owner,
+                    "new_token": token,
+                    "expires_at": now + ttl,
+                    "now": now,
+                    "head": event["hash"],
+                },
+            ).mappings()
+            row = updated.first()
+            if row is None:
+                raise errors.Busy(f"run {run_id} was claimed by another process just now")
+            conn.execute(q.insert_event, event)
+        return Lease(run_id, owner, token), self._loaded(row)
+
+    @retried
+    def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
+        now = utcnow()
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    q.renew,
+                    {
+                        "run_id": lease.run_id,
+                        "token": lease.token,
+                        "expires_at": now + ttl,
+                        "now": now,
+                    },
+                ).rowcount
+                == 1
+            )
+
+    @retried
+    def release(self, lease: Lease) -> None:
+        with self._tx() as conn:
+            conn.execute(q.release, {"run_id": lease.run_id, "token": lease.token})
