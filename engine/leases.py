@@ -40,11 +40,7 @@ class Leases(StoreBase):
         IMMEDIATE. Three statements: the pick, the guarded UPDATE (which returns the run) and
         the lease event."""
         with self._tx() as conn:
-            query = sa.select(t.run).where(*self._due(now))
-            query = query.order_by(t.run.c.wake_at, t.run.c.created_at).limit(1)
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True, of=t.run)
-            found = conn.execute(query).mappings().first()
+            found = conn.execute(q.pick_due[conn.dialect.name], {"now": now}).mappings().first()
             if found is None:
                 return None
             run = Run.from_row(found)
@@ -85,27 +81,7 @@ class Leases(StoreBase):
     @retried
     def due_count(self, now: dt.datetime) -> int:
         with self._tx(read_only=True) as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count()).select_from(t.run).where(*self._due(now))
-                ).scalar_one()
-            )
-
-    @staticmethod
-    def _due(now: dt.datetime) -> list[sa.ColumnElement[bool]]:
-        pending = sa.select(t.run_signal.c.id).where(
-            t.run_signal.c.run_id == t.run.c.id, t.run_signal.c.consumed_at.is_(None)
-        )
-        abort = pending.where(t.run_signal.c.name == "abort").exists()
-        awaited = pending.where(t.run_signal.c.name == t.run.c.waiting_for).exists()
-        return [
-            t.run.c.detached.is_(True),
-            t.run.c.finished_at.is_(None),
-            sa.or_(t.run.c.failed_from.is_(None), abort),
-            sa.or_(t.run.c.waiting_for.is_(None), awaited, abort),
-            sa.or_(t.run.c.wake_at.is_(None), t.run.c.wake_at <= now, abort),
-            sa.or_(t.run.c.lease_expires_at.is_(None), t.run.c.lease_expires_at <= now),
-        ]
+            return int(conn.execute(q.count_due, {"now": now}).scalar_one())
 
     @retried
     def set_sleep(self, lease: Lease, until: dt.datetime, reason: str) -> None:

@@ -355,3 +355,36 @@ def _postgresql_journal() -> tuple[sa.Executable, ...]:
 # was lost). Parameters: run_id, token, now, step_key, attempt, journal_state, status,
 # external_ref, result.
 journal = _PerDialect(sqlite=_sqlite_journal, postgresql=_postgresql_journal)
+
+
+# ---- due runs (a worker's claim) ----------------------------------------------------------
+
+
+def _due() -> list[sa.ColumnElement[bool]]:
+    """A run a worker may claim at `now`: detached, unfinished, not failed (unless an abort is
+    pending), not waiting for a signal that has not come, its timer passed, its lease free or
+    expired."""
+    pending = sa.select(t.run_signal.c.id).where(
+        t.run_signal.c.run_id == _RUN.id, t.run_signal.c.consumed_at.is_(None)
+    )
+    abort = pending.where(t.run_signal.c.name == "abort").exists()
+    awaited = pending.where(t.run_signal.c.name == _RUN.waiting_for).exists()
+    now = _p("now")
+    return [
+        _RUN.detached.is_(True),
+        _RUN.finished_at.is_(None),
+        sa.or_(_RUN.failed_from.is_(None), abort),
+        sa.or_(_RUN.waiting_for.is_(None), awaited, abort),
+        sa.or_(_RUN.wake_at.is_(None), _RUN.wake_at <= now, abort),
+        sa.or_(_RUN.lease_expires_at.is_(None), _RUN.lease_expires_at <= now),
+    ]
+
+
+_DUE = _due()
+count_due = sa.select(sa.func.count()).select_from(t.run).where(*_DUE)
+_pick_due = sa.select(t.run).where(*_DUE).order_by(_RUN.wake_at, _RUN.created_at).limit(1)
+# PostgreSQL skips the rows other workers are claiming; SQLite's writers are serialised.
+pick_due = _PerDialect(
+    sqlite=lambda: _pick_due,
+    postgresql=lambda: _pick_due.with_for_update(skip_locked=True, of=t.run),
+)
