@@ -194,3 +194,36 @@ def test_ctrl_c_between_two_checks_stops_at_once(tmp_path: Path, db_url: str) ->
     assert d.store_get(db_url, run_id).state == "Done"
     assert d.operations(sim.counts()) == ONCE
     assert d.placement(sim) == before
+
+
+def test_a_cycle_driven_here_waits_for_its_node_s_reboot_outside_the_lease(
+    tmp_path: Path, db_url: str
+) -> None:
+    """`cycle start` drives its node runs in this process: a node run whose reboot outlasts
+    yield_after_s gives its lease back too (it is claimed again, with "sleeping" events), and
+    the cycle still ends Done with every cluster operation once."""
+    cli = d.make_cli(
+        tmp_path, db_url, _config(tmp_path / "nodepatch.log") + "cycle: {poll_s: 0.05}\n"
+    )
+    scenario = d.scenario(d.vm("h1", "hv1"), d.vm("h2", "hv1"))
+    hosts = [h["name"] for h in scenario["clusters"][0]["hosts"]]
+    for host in scenario["clusters"][0]["hosts"]:
+        host["reboot_seconds"] = 120
+    sim = SimulatedCluster.create(cli.sim, scenario, speed=SPEED)
+    before = d.placement(sim)
+    result = cli("cycle", "start", "--cluster", "c1", "--max-parallel", "1", "--json")
+    assert result.code == d.EXIT_DONE, result.err
+    with d.store(db_url) as s:
+        nodes = s.children(result.json()["run_id"])
+        assert [n.state for n in nodes] == ["Done"] * len(hosts)
+        for node in nodes:
+            events = s.events(node.id)
+            assert len(_claims(events)) > 1 and any(e.kind == "sleeping" for e in events)
+    ops = d.operations(sim.counts())
+    assert {k: v for k, v in ops.items() if k.startswith(("reboot_host", "enter_m", "exit_m"))} == {
+        f"{kind}:{host}": 1
+        for kind in ("enter_maintenance", "reboot_host", "exit_maintenance")
+        for host in hosts
+    }
+    assert d.placement(sim) == before
+    assert "sleeping until" not in result.out + result.err

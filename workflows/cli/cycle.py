@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import click
@@ -246,8 +247,12 @@ def drive(
 
 
 def _runner(app: App, run: Run, stop_flag: Any) -> Any:
+    """The runner of the cycle or of one of its node runs, driven here: a step that waits long
+    (a node's reboot, storage healing) gives its lease back every `engine.yield_after_s`, and
+    the family loop drives it again (see `engine.family`)."""
     runner = app.runner_for(run)
     runner.stop_requested = stop_flag
+    runner.settings = replace(runner.settings, yield_after_s=app.settings.yield_after_s)
     return runner
 
 
