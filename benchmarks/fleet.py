@@ -192,8 +192,9 @@ class Workers:
                 proc.wait()
 
     def rss_growth(self, start: float, end: float) -> float:
-        """The worst worker's peak RSS in the last tenth of [start, end] over its first tenth."""
-        tenth = (end - start) / 10
+        """The worst worker's peak RSS in the last tenth of [start, end] over its first tenth
+        (at least 0.2 s each, four samples, for a quick run)."""
+        tenth = max((end - start) / 10, 0.2)
         worst = 0.0
         for samples in self.samples:
             first = [rss for at, rss in samples if start <= at <= start + tenth]
