@@ -6,9 +6,11 @@ and says why, unless NODEPATCH_REQUIRE_BROWSER=1 (CI), where it fails instead.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -94,7 +96,11 @@ class _Session:
 
 def load(chromium: str, page: Path, screenshot: Path, width: int = 1280) -> Seen:
     """Open `page` in a fresh headless Chromium and report what it saw."""
-    with tempfile.TemporaryDirectory(prefix="nodepatch-chromium-") as profile:
+    # Chromium's helper processes can still write to the profile for a moment after the
+    # browser exits: the whole process group is ended, and a leftover file is no failure.
+    with tempfile.TemporaryDirectory(
+        prefix="nodepatch-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         proc = subprocess.Popen(
             [
                 chromium,
@@ -110,16 +116,25 @@ def load(chromium: str, page: Path, screenshot: Path, width: int = 1280) -> Seen
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, with its helpers
         )
         try:
             return _inspect(_page_socket(Path(profile)), page, screenshot, width)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end_group(proc)
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """End Chromium and every helper process of its group (SIGTERM, then SIGKILL)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the browser
 
 
 def _page_socket(profile: Path) -> str:
