@@ -111,8 +111,13 @@ class StepContext:
         if on is not None:
             self.waiting_on = on
         self.check()
-        if self.yield_after is not None and self.clock() - self.started > self.yield_after:
-            raise errors.Yielded(self.waiting_on or f"waiting in {self.run.state}")
+        if self.yield_after is not None:
+            # A step that waits may outlive this process or yield: its deadline is journaled
+            # at its first wait, so that a re-entry (a takeover, a wake-up) keeps it. A step
+            # that never waits writes nothing for it.
+            self.timer("deadline", self.deadline - self.clock())
+            if self.clock() - self.started > self.yield_after:
+                raise errors.Yielded(self.waiting_on or f"waiting in {self.run.state}")
         self.sleep(self.poll_interval if seconds is None else seconds)
 
     def lock_holder(self, resource: str) -> str | None:

@@ -362,8 +362,8 @@ class Runner:
                 yield_after=self.settings.yield_after_s,
                 journal_seen=entries,
             )
-            if self.settings.yield_after_s is not None:  # re-entered after a yield: the same
-                until = ctx.timer_set("deadline")  # deadline as before it
+            if self.settings.yield_after_s is not None:  # re-entered (a yield, a takeover):
+                until = ctx.timer_set("deadline")  # the deadline its first wait journaled
                 if until is not None:
                     ctx.deadline = time.monotonic() + (until - self.now()).total_seconds()
             log.info(
@@ -375,9 +375,6 @@ class Runner:
             )
             try:
                 return step(ctx)
-            except errors.Yielded:  # the deadline is kept for the re-entry
-                ctx.timer("deadline", ctx.deadline - time.monotonic())
-                raise
             except errors.TransientError as exc:
                 if attempt >= retry.attempts:
                     return _failure(f"gave up after {attempt} attempts: {exc}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -245,3 +246,49 @@ def test_unknown_signal_and_state_are_usage_errors(engine: sa.Engine) -> None:
         runner.signal(run.id, "patchd")
     with pytest.raises(errors.UsageError, match="expected one of"):
         runner.drive(run.id, until="Nowhere")
+
+
+def test_a_waiting_step_keeps_its_deadline_across_its_re_entries(engine: sa.Engine) -> None:
+    """A step that waits journals its deadline at its first wait (when it may give its lease
+    back: yield_after_s), so every re-entry keeps that deadline instead of starting a new
+    timeout: after yields, and after the process stopped in the middle of the wait (a stop
+    request here; a crash or a takeover alike). A step that never ends does fail, after its
+    timeout in all."""
+    forever = Workflow(
+        name="waits",
+        version=1,
+        states=("A", "Done", "Failed"),
+        initial="A",
+        failed="Failed",
+        final=frozenset({"Done"}),
+        transitions=(Transition("go", "A", "Done"),),
+        steps={"A": _wait_forever},
+    )
+    naps = [0]
+
+    def nap(seconds: float) -> None:  # every 5th nap, the process is stopped mid-wait
+        time.sleep(seconds)
+        naps[0] += 1
+        if naps[0] % 5 == 0:
+            runner.stop_requested.set()
+
+    settings = RunnerSettings(
+        lease_ttl_s=5, poll_interval_s=0.01, timeouts_s={"A": 0.6}, yield_after_s=0.2
+    )
+    runner = Runner(Store(engine), forever, settings, actor="t@h:1", sleep=nap)
+    run = runner.create("w/1", {})
+    reasons = []
+    stop = runner.drive(run.id)
+    while stop.run.state == "A" and len(reasons) < 200:
+        reasons.append(stop.reason)
+        runner.stop_requested.clear()
+        stop = runner.drive(run.id, early=True)
+    assert stop.run.state == "Failed" and "ran past its timeout of 0.6 s" in str(stop.run.error)
+    assert "interrupted" in reasons and len(reasons) >= 5  # many entries, one timeout in all
+    deadlines = [e for e in runner.store.journal_entries(run.id) if e.step_key.endswith("deadline")]
+    assert len(deadlines) == 1  # journaled once, at the first wait
+
+
+def _wait_forever(ctx: StepContext) -> StepResult:
+    while True:
+        ctx.wait(on="something that never comes")
