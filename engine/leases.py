@@ -44,39 +44,10 @@ class Leases(StoreBase):
             if found is None:
                 return None
             run = Run.from_row(found)
-            token = run.lease_token + 1
-            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
-            leased = _event_fields(
-                run.id,
-                run.version,
-                "lease",
-                actor=owner,
-                token=token,
-                now=now,
-                details={"taken_over_from": previous} if previous else {},
-            )
-            event = chain.linked(leased, self._prev_hash(conn, run))
-            row = (
-                conn.execute(
-                    q.claim_loaded[conn.dialect.name],
-                    {
-                        "run_id": run.id,
-                        "old_token": run.lease_token,
-                        "prev_head": run.audit_head,
-                        "owner": owner,
-                        "new_token": token,
-                        "expires_at": now + ttl,
-                        "now": now,
-                        "head": event["hash"],
-                    },
-                )
-                .mappings()
-                .first()
-            )
-            if row is None:  # the row is locked (PostgreSQL) or the writer alone (SQLite)
+            claimed = self._claim(conn, run, owner, ttl, now)
+            if claimed is None:  # the row is locked (PostgreSQL) or the writer alone (SQLite)
                 raise AssertionError(f"run {run.id} changed under its lock")
-            conn.execute(q.insert_event, event)
-        return Lease(run.id, owner, token), self._loaded(row)
+        return claimed
 
     @retried
     def due_count(self, now: dt.datetime) -> int:
@@ -187,22 +158,34 @@ class Leases(StoreBase):
                     if until
                     else f"run {run_id} is held by {run.lease_owner}"
                 )
-            token = run.lease_token + 1
-            previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
-            leased = _event_fields(
-                run_id,
-                run.version,
-                "lease",
-                actor=owner,
-                token=token,
-                now=now,
-                details={"taken_over_from": previous} if previous else {},
-            )
-            event = chain.linked(leased, self._prev_hash(conn, run))
-            updated = conn.execute(
+            claimed = self._claim(conn, run, owner, ttl, now)
+            if claimed is None:
+                raise errors.Busy(f"run {run_id} was claimed by another process just now")
+        return claimed
+
+    def _claim(
+        self, conn: sa.Connection, run: Run, owner: str, ttl: dt.timedelta, now: dt.datetime
+    ) -> tuple[Lease, Loaded] | None:
+        """Lease `run` (as read in this transaction) to `owner` with the next token and chain
+        its lease event: the lease and the run as loaded after the claim, or None if the run
+        changed meanwhile."""
+        token = run.lease_token + 1
+        previous = run.lease_owner if run.lease_owner and run.lease_owner != owner else None
+        leased = _event_fields(
+            run.id,
+            run.version,
+            "lease",
+            actor=owner,
+            token=token,
+            now=now,
+            details={"taken_over_from": previous} if previous else {},
+        )
+        event = chain.linked(leased, self._prev_hash(conn, run))
+        row = (
+            conn.execute(
                 q.claim_loaded[conn.dialect.name],
                 {
-                    "run_id": run_id,
+                    "run_id": run.id,
                     "old_token": run.lease_token,
                     "prev_head": run.audit_head,
                     "owner": owner,
@@ -211,12 +194,14 @@ class Leases(StoreBase):
                     "now": now,
                     "head": event["hash"],
                 },
-            ).mappings()
-            row = updated.first()
-            if row is None:
-                raise errors.Busy(f"run {run_id} was claimed by another process just now")
-            conn.execute(q.insert_event, event)
-        return Lease(run_id, owner, token), self._loaded(row)
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return None
+        conn.execute(q.insert_event, event)
+        return Lease(run.id, owner, token), self._loaded(row)
 
     @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:

@@ -148,10 +148,8 @@ class Runner:
     def start(self, subject: str, params: Mapping[str, Any], *, until: str | None = None) -> Stop:
         """Create a run and drive it at once: created already leased to this runner, in one
         transaction with its first events, so that nothing can take it in between."""
-        if until is not None and until not in self.workflow.states:
-            raise errors.UsageError(
-                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
-            )
+        if until is not None:
+            self._known_state(until)
         ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
         run = self.store.create_run(
             workflow=self.workflow.name,
@@ -243,11 +241,14 @@ class Runner:
             if stop is None or stop.reason != "final" or stop.run.lease_owner is not None:
                 self.store.release(lease)
 
-    def _check_until(self, run: Run, until: str) -> None:
-        if until not in self.workflow.states:
+    def _known_state(self, state: str) -> None:
+        if state not in self.workflow.states:
             raise errors.UsageError(
-                f"unknown state {until!r}; expected one of {', '.join(self.workflow.states)}"
+                f"unknown state {state!r}; expected one of {', '.join(self.workflow.states)}"
             )
+
+    def _check_until(self, run: Run, until: str) -> None:
+        self._known_state(until)
         here = (
             run.failed_from if run.state == self.workflow.failed and run.failed_from else run.state
         )
