@@ -176,6 +176,7 @@ def _advance(*, final: bool) -> sa.Update:
     if final:  # (before, finished_at is NULL: left out of the SET, its indexes are not touched)
         values |= {
             "finished_at": _p("now"),
+            "wake_at": None,  # a finished run has no timer (status shows null)
             "lease_owner": None,
             "lease_expires_at": None,
             "heartbeat_at": None,

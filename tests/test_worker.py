@@ -83,6 +83,7 @@ def test_racing_workers_drive_each_run_once(tmp_path: Path, db_url: str) -> None
             events = s.events(run_id)
             assert d.transitions(events) == STEPS
             assert not [e for e in events if e.kind == "lease" and e.details.get("taken_over_from")]
+            assert s.get(run_id).wake_at is None  # finished: no timer left (status: null)
 
 
 def _journaled(db_url: str, run_id: str, job: str) -> bool:
