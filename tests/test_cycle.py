@@ -292,6 +292,10 @@ def test_the_soak_between_waves_is_a_durable_timer_that_survives_a_crash(cli: Cl
     assert sum(v for k, v in d.operations(sim.counts()).items() if k.startswith("enter_")) == 1
     early = cli("resume", run.id, "--now", "--json")
     assert early.code == 3 and len([n for n in early.json()["nodes"] if n["status"] == "done"]) == 2
+    told = cli("resume", run.id)  # asleep again; driven from the command line: no worker's
+    assert told.code == 3, told.err
+    assert f"continue with `nodepatch resume {run.id}` after it" in told.err
+    assert "a worker wakes it" not in told.err
 
 
 def test_a_vm_deleted_by_someone_else_during_a_node_run_halts_the_cycle(cli: Cli) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from engine import errors
+from engine.model import Run
 from workflows.app import App
 from workflows.backends.base import Inventory
 from workflows.cli.exits import (
@@ -52,6 +53,18 @@ def inventory(app: App, cluster: str) -> Inventory:
         return app.backend.inventory(cluster)
     except errors.NotFound as exc:
         raise errors.UsageError(str(exc)) from exc
+
+
+def sleeps_until(what: str, run: Run, why: str | None = None) -> str:
+    """What a command says when the run it drove sleeps on a timer: who wakes it. A detached run
+    is woken by a worker; a run driven from the command line only by `resume` after its time."""
+    assert run.wake_at is not None
+    who = "a worker wakes it then, or " if run.detached else "continue with "
+    return (
+        f"{what} {run.id} sleeps until {run.wake_at:%Y-%m-%d %H:%M:%S} UTC"
+        + (f" ({why})" if why else "")
+        + f": {who}`nodepatch resume {run.id}` after it (`--now` to wake it now)"
+    )
 
 
 def handed_over(run_id: str, holder: str) -> str:

@@ -26,6 +26,7 @@ from workflows.cli.common import (
     handed_over,
     inventory,
     pass_app,
+    sleeps_until,
 )
 from workflows.cli.interrupts import graceful
 from workflows.cli.webhooks import deliver_after
@@ -275,13 +276,7 @@ def _finish(
     if not as_json:
         if reason == "sleeping" and run.wake_at and not waiting:
             why = doc.get("sleeping_because")
-            click.echo(
-                f"cycle {run.id} sleeps until {run.wake_at:%Y-%m-%d %H:%M:%S} UTC"
-                + (f" ({why})" if why else "")
-                + f": a worker wakes it then, or `nodepatch resume {run.id}` after it "
-                "(`--now` to wake it now)",
-                err=True,
-            )
+            click.echo(sleeps_until("cycle", run, why), err=True)
         if reason == "detached":
             click.echo(f"cycle {run.id} is left to `nodepatch worker`", err=True)
     if reason in ("until", "waiting", "interrupted", "sleeping", "detached"):

@@ -27,6 +27,7 @@ from workflows.cli.common import (
     inventory,
     json_option,
     pass_app,
+    sleeps_until,
     until_option,
 )
 from workflows.cli.interrupts import graceful
@@ -374,12 +375,7 @@ def _finish(app: App, stop: Stop, as_json: bool, *, bound: float | None = None) 
                 f"stopped before {stop.run.state}; continue with `nodepatch resume {stop.run.id}`"
             )
     if stop.reason == "sleeping" and stop.run.wake_at:
-        click.echo(
-            f"run {stop.run.id} sleeps until {stop.run.wake_at:%Y-%m-%d %H:%M:%S} UTC; a worker "
-            f"wakes it then, or `nodepatch resume {stop.run.id}` after it (`--now` to wake it "
-            "now)",
-            err=True,
-        )
+        click.echo(sleeps_until("run", stop.run), err=True)
     if stop.reason == "interrupted":
         what = (
             f"the compensation did not finish within {bound:g} s"
