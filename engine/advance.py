@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from engine import chain, crashpoints, errors
 from engine import schema as t
 from engine import statements as q
+from engine.compiled import Hot
 from engine.dbretry import DB_BACKOFF_S, DB_RETRIES
 from engine.model import Lease, Loaded, Run, utcnow
 from engine.signals import Signals
@@ -142,7 +143,7 @@ class Advance(Signals):
             "new_failed_from": from_state if error else None,
         }
         with self._tx() as conn:
-            update = (q.advance_final if final else q.advance)[conn.dialect.name]
+            update = q.advance_final if final else q.advance
             row, event = self._advance(conn, update, change, event)
             run = Run.from_row(row)
             if acquire:
@@ -160,7 +161,7 @@ class Advance(Signals):
                     version=new_version,
                     now=now,
                 )
-            conn.execute(q.insert_event, event)
+            q.insert_event.rowcount(conn, event)
             for name in cascade:
                 self._signal_children(conn, lease, name, now)
             if final and run.parent_run_id:
@@ -178,8 +179,8 @@ class Advance(Signals):
         return _after(self._loaded(row), consume, publish)
 
     def _advance(
-        self, conn: sa.Connection, update: sa.Update, change: dict[str, Any], event: dict[str, Any]
-    ) -> tuple[sa.RowMapping, dict[str, Any]]:
+        self, conn: sa.Connection, update: Hot, change: dict[str, Any], event: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The guarded UPDATE of a transition, which also moves the audit head to its event;
         the run as it is now (loaded) and the event, chained. The previous head is the hint
         when there is one; when the UPDATE finds the run changed, the run is read (locked): another
@@ -188,8 +189,7 @@ class Advance(Signals):
         hint = self._heads.get(change["run_id"])
         if hint is not None:
             linked = chain.linked(event, hint)
-            row = conn.execute(update, {**change, "prev_head": hint, "head": linked["hash"]})
-            found = row.mappings().first()
+            found = update.first(conn, {**change, "prev_head": hint, "head": linked["hash"]})
             if found is not None:
                 return found, linked
         run = self._get(conn, change["run_id"], lock=True)
@@ -200,8 +200,7 @@ class Advance(Signals):
         ):
             raise self._stale(run, change["token"], change["from_state"], change["from_version"])
         linked = chain.linked(event, self._prev_hash(conn, run))
-        row = conn.execute(update, {**change, "prev_head": run.audit_head, "head": linked["hash"]})
-        found = row.mappings().first()
+        found = update.first(conn, {**change, "prev_head": run.audit_head, "head": linked["hash"]})
         if found is None:  # the run is locked: another writer cannot have changed it
             raise AssertionError(f"run {run.id} changed under its lock")
         return found, linked
@@ -242,8 +241,8 @@ class Advance(Signals):
         now: dt.datetime,
     ) -> None:
         """Publish `key` (insert, or replace the run's earlier value of it)."""
-        conn.execute(
-            q.publish[conn.dialect.name],
+        q.publish.rowcount(
+            conn,
             {
                 "run_id": run_id,
                 "key": key,

@@ -75,34 +75,30 @@ class Creation(Reads):
             }
         try:
             with self._tx() as conn:
-                row = (
-                    conn.execute(
-                        q.create_run,
-                        {
-                            "id": run_id,
-                            "workflow": workflow,
-                            "workflow_version": workflow_version,
-                            "subject": subject,
-                            "state": state,
-                            "version": 1,
-                            "params": dict(params),
-                            "created_by": actor,
-                            "created_at": now,
-                            "updated_at": now,
-                            "audit_head": events[-1]["hash"],
-                            **leased,
-                            "detached": detached,
-                            "wake_at": now if detached else None,
-                            "parent_run_id": family.get("parent_run_id"),
-                            "root_run_id": family.get("root_run_id"),
-                            "child_key": family.get("child_key"),
-                        },
-                    )
-                    .mappings()
-                    .one()
+                row = q.create_run.first(
+                    conn,
+                    {
+                        **q.RUN_UNSET,
+                        "id": run_id,
+                        "workflow": workflow,
+                        "workflow_version": workflow_version,
+                        "subject": subject,
+                        "state": state,
+                        "version": 1,
+                        "params": dict(params),
+                        "created_by": actor,
+                        "created_at": now,
+                        "updated_at": now,
+                        "audit_head": events[-1]["hash"],
+                        **leased,
+                        "detached": detached,
+                        "wake_at": now if detached else None,
+                        **family,
+                    },
                 )
+                assert row is not None  # an INSERT ... RETURNING returns its row
                 for event in events:
-                    conn.execute(q.insert_event, event)
+                    q.insert_event.rowcount(conn, event)
                 if detached:
                     _notify(conn, run_id)
         except sa.exc.IntegrityError as exc:

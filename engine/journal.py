@@ -67,5 +67,5 @@ class Journal(StoreBase):
         }
         with self._tx() as conn:
             for statement in q.journal[conn.dialect.name]:
-                if not conn.execute(statement, params).rowcount:
+                if not statement.rowcount(conn, params):
                     raise _lease_lost(self._get(conn, lease.run_id))

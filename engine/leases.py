@@ -40,7 +40,7 @@ class Leases(StoreBase):
         IMMEDIATE. Three statements: the pick, the guarded UPDATE (which returns the run) and
         the lease event."""
         with self._tx() as conn:
-            found = conn.execute(q.pick_due[conn.dialect.name], {"now": now}).mappings().first()
+            found = q.pick_due.first(conn, {"now": now})
             if found is None:
                 return None
             run = Run.from_row(found)
@@ -149,8 +149,9 @@ class Leases(StoreBase):
                 and run.wake_at > awake_at
                 and "abort" not in self._pending(conn, run_id)
             ):
-                loaded = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings()
-                return None, self._loaded(loaded.one())
+                loaded = q.load.first(conn, {"run_id": run_id})
+                assert loaded is not None  # read under lock just now
+                return None, self._loaded(loaded)
             if run.lease_live(now) and run.lease_owner != owner:
                 until = run.lease_expires_at
                 raise errors.Busy(
@@ -181,46 +182,37 @@ class Leases(StoreBase):
             details={"taken_over_from": previous} if previous else {},
         )
         event = chain.linked(leased, self._prev_hash(conn, run))
-        row = (
-            conn.execute(
-                q.claim_loaded[conn.dialect.name],
-                {
-                    "run_id": run.id,
-                    "old_token": run.lease_token,
-                    "prev_head": run.audit_head,
-                    "owner": owner,
-                    "new_token": token,
-                    "expires_at": now + ttl,
-                    "now": now,
-                    "head": event["hash"],
-                },
-            )
-            .mappings()
-            .first()
+        row = q.claim_loaded.first(
+            conn,
+            {
+                "run_id": run.id,
+                "old_token": run.lease_token,
+                "prev_head": run.audit_head,
+                "owner": owner,
+                "new_token": token,
+                "expires_at": now + ttl,
+                "now": now,
+                "head": event["hash"],
+            },
         )
         if row is None:
             return None
-        conn.execute(q.insert_event, event)
+        q.insert_event.rowcount(conn, event)
         return Lease(run.id, owner, token), self._loaded(row)
 
     @retried
     def renew(self, lease: Lease, ttl: dt.timedelta) -> bool:
         now = utcnow()
         with self._tx() as conn:
-            return (
-                conn.execute(
-                    q.renew,
-                    {
-                        "run_id": lease.run_id,
-                        "token": lease.token,
-                        "expires_at": now + ttl,
-                        "now": now,
-                    },
-                ).rowcount
-                == 1
-            )
+            values = {
+                "run_id": lease.run_id,
+                "token": lease.token,
+                "expires_at": now + ttl,
+                "now": now,
+            }
+            return q.renew.rowcount(conn, values) == 1
 
     @retried
     def release(self, lease: Lease) -> None:
         with self._tx() as conn:
-            conn.execute(q.release, {"run_id": lease.run_id, "token": lease.token})
+            q.release.rowcount(conn, {"run_id": lease.run_id, "token": lease.token})

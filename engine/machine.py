@@ -25,6 +25,7 @@ class StateMachine:
     def __init__(self, workflow: Workflow) -> None:
         self.workflow = workflow
         self.table = _full_table(workflow)
+        self._next: dict[tuple[str, str], str] = {}  # the answers so far: the machine is static
         self._machine = Machine(
             model=None,
             states=list(workflow.states),
@@ -39,6 +40,12 @@ class StateMachine:
 
     def next_state(self, state: str, trigger: str) -> str:
         """The state `trigger` leads to from `state`; InvalidTransition if it is not allowed."""
+        found = self._next.get((state, trigger))
+        if found is None:
+            found = self._next[state, trigger] = self._fire(state, trigger)
+        return found
+
+    def _fire(self, state: str, trigger: str) -> str:
         probe = _Probe(state)
         event: Any = self._machine.events.get(trigger)
         if event is None:

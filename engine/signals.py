@@ -109,9 +109,8 @@ class Signals(StoreBase):
     ) -> None:
         """Mark the oldest pending signal of each name consumed by run version `version`."""
         for name in names:
-            consumed = conn.execute(
-                q.consume_signal,
-                {"signal_run": run_id, "signal_name": name, "now": now, "version": version},
-            ).rowcount
+            consumed = q.consume_signal.rowcount(
+                conn, {"signal_run": run_id, "signal_name": name, "now": now, "version": version}
+            )
             if not consumed:
                 raise errors.StaleRun(f"signal {name!r} of run {run_id} was already consumed")

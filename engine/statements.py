@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 
 from engine import schema as t
+from engine.compiled import Hot
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql, sqlite
@@ -49,8 +50,9 @@ _HEAD_IS_PREV = _RUN.audit_head.is_not_distinct_from(_p("prev_head"))
 
 # ---- reads ----------------------------------------------------------------------------
 
-run = sa.select(t.run).where(_THIS_RUN)
-run_locked = run.with_for_update()
+_run = sa.select(t.run).where(_THIS_RUN)
+run = Hot(_run)
+run_locked = Hot(_run.with_for_update())
 last_hash = (
     sa.select(t.run_event.c.hash)
     .where(t.run_event.c.run_id == _p("run_id"))
@@ -155,11 +157,12 @@ def _per_dialect(build: Callable[[list[Any]], S]) -> _PerDialect[S]:
     )
 
 
-load = _per_dialect(lambda columns: sa.select(*columns).where(_THIS_RUN))
+load = Hot(_per_dialect(lambda columns: sa.select(*columns).where(_THIS_RUN)))
 
 # ---- the run row --------------------------------------------------------------------------
 
-create_run = sa.insert(t.run).returning(*t.run.c)
+create_run = Hot(sa.insert(t.run).returning(*t.run.c), keys=t.run.c.keys())
+RUN_UNSET: dict[str, Any] = dict.fromkeys(t.run.c.keys())  # a new run's columns, all NULL
 
 
 def _advance(*, final: bool) -> sa.Update:
@@ -196,8 +199,8 @@ def _advance(*, final: bool) -> sa.Update:
 
 # A transition and a claim return the run as the runner's next load would read it (the
 # subqueries see the rows this transaction wrote before the UPDATE), so that no load follows.
-advance = _per_dialect(lambda columns: _advance(final=False).returning(*columns))
-advance_final = _per_dialect(lambda columns: _advance(final=True).returning(*columns))
+advance = Hot(_per_dialect(lambda columns: _advance(final=False).returning(*columns)))
+advance_final = Hot(_per_dialect(lambda columns: _advance(final=True).returning(*columns)))
 claim = (
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("old_token"), _HEAD_IS_PREV)
@@ -209,18 +212,18 @@ claim = (
         audit_head=_p("head"),
     )
 )
-claim_loaded = _per_dialect(lambda columns: claim.returning(*columns))
-renew = (
+claim_loaded = Hot(_per_dialect(lambda columns: claim.returning(*columns)))
+renew = Hot(
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"))
     .values(lease_expires_at=_p("expires_at"), heartbeat_at=_p("now"))
 )
-release = (
+release = Hot(
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"))
     .values(lease_owner=None, lease_expires_at=None, heartbeat_at=None)
 )
-fence = (
+fence = Hot(
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"))
     .values(updated_at=_p("now"))
@@ -229,16 +232,16 @@ fence = (
 touch = (
     sa.update(t.run).where(_THIS_RUN, _RUN.lease_token == _p("token")).values(updated_at=_p("now"))
 )
-wait = (
+wait = Hot(
     sa.update(t.run)
     .where(_THIS_RUN, _RUN.lease_token == _p("token"), _HEAD_IS_PREV)
     .values(waiting_for=_p("signal"), audit_head=_p("head"))
 )
-move_head = sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_head=_p("head"))
+move_head = Hot(sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_head=_p("head")))
 
 # ---- the rows a write adds or changes -----------------------------------------------------
 
-insert_event = sa.insert(t.run_event).inline()
+insert_event = Hot(sa.insert(t.run_event).inline(), keys=t.run_event.c.keys()[1:])  # not the id
 insert_signal = sa.insert(t.run_signal).inline()
 insert_lock = sa.insert(t.resource_lock).inline()
 _pending = t.run_signal.alias("pending")
@@ -246,7 +249,7 @@ release_locks = sa.delete(t.resource_lock).where(
     t.resource_lock.c.run_id == _p("run_id"),
     t.resource_lock.c.resource.in_(sa.bindparam("resources", expanding=True)),
 )
-consume_signal = (
+consume_signal = Hot(
     sa.update(t.run_signal)
     .where(
         t.run_signal.c.id
@@ -287,7 +290,7 @@ def _postgresql_publish() -> sa.Insert:
     return _publish(postgresql.insert(t.published_data))
 
 
-publish = _PerDialect(sqlite=_sqlite_publish, postgresql=_postgresql_publish)
+publish = Hot(_PerDialect(sqlite=_sqlite_publish, postgresql=_postgresql_publish))
 
 
 _JOURNAL_COLUMNS = (
@@ -332,16 +335,16 @@ def _upsert(insert: sqlite.Insert | postgresql.Insert) -> sa.Insert:
     )
 
 
-def _sqlite_journal() -> tuple[sa.Executable, ...]:
+def _sqlite_journal() -> tuple[Hot, ...]:
     """SQLite: touch the run under the lease token (taking the write lock), then the upsert."""
     from sqlalchemy.dialects import sqlite
 
     values = dict(zip(_JOURNAL_COLUMNS, _journal_values(_p("run_id")), strict=True))
     upsert = _upsert(sqlite.insert(t.step_journal).values(values))
-    return touch, upsert.execution_options(preserve_rowcount=True)  # an INSERT's, kept
+    return Hot(touch), Hot(upsert)
 
 
-def _postgresql_journal() -> tuple[sa.Executable, ...]:
+def _postgresql_journal() -> tuple[Hot, ...]:
     """PostgreSQL: one statement: the fencing UPDATE as a CTE, whose row (none when the lease
     is lost) the upsert inserts from."""
     from sqlalchemy.dialects import postgresql
@@ -349,7 +352,7 @@ def _postgresql_journal() -> tuple[sa.Executable, ...]:
     fenced = touch.returning(_RUN.id).cte("fenced")
     rows = sa.select(*_journal_values(fenced.c.id)).select_from(fenced)
     upsert = _upsert(postgresql.insert(t.step_journal).from_select(_JOURNAL_COLUMNS, rows))
-    return (upsert.execution_options(preserve_rowcount=True),)  # an INSERT's, kept
+    return (Hot(upsert),)
 
 
 # A journal write: statements run in order, each of which must change a row (none: the lease
@@ -385,7 +388,9 @@ _DUE = _due()
 count_due = sa.select(sa.func.count()).select_from(t.run).where(*_DUE)
 _pick_due = sa.select(t.run).where(*_DUE).order_by(_RUN.wake_at, _RUN.created_at).limit(1)
 # PostgreSQL skips the rows other workers are claiming; SQLite's writers are serialised.
-pick_due = _PerDialect(
-    sqlite=lambda: _pick_due,
-    postgresql=lambda: _pick_due.with_for_update(skip_locked=True, of=t.run),
+pick_due = Hot(
+    _PerDialect(
+        sqlite=lambda: _pick_due,
+        postgresql=lambda: _pick_due.with_for_update(skip_locked=True, of=t.run),
+    )
 )

@@ -16,18 +16,20 @@ import sqlalchemy as sa
 
 from engine import chain, db, errors
 from engine import statements as q
+from engine.compiled import Hot
 from engine.dbretry import _transient, retried
 from engine.model import Lease, Loaded, Run, utcnow
 
 HINTS_MAX = 1024
 
 CHANNEL = "nodepatch_due"
+_NOTIFY = Hot(sa.select(sa.func.pg_notify(sa.bindparam("channel"), sa.bindparam("run_id"))))
 
 
 def _notify(conn: sa.Connection, run_id: str) -> None:
     """On PostgreSQL, tell listening workers (at commit) that a run may have become due."""
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_notify(CHANNEL, run_id)))
+        _NOTIFY.first(conn, {"channel": CHANNEL, "run_id": run_id})
 
 
 def _lease_lost(run: Run) -> errors.LeaseLost:
@@ -93,7 +95,7 @@ class StoreBase:
             return self._get(conn, run_id)
 
     def _get(self, conn: sa.Connection, run_id: str, *, lock: bool = False) -> Run:
-        row = conn.execute(q.run_locked if lock else q.run, {"run_id": run_id}).mappings().first()
+        row = (q.run_locked if lock else q.run).first(conn, {"run_id": run_id})
         if row is None:
             raise errors.RunNotFound(f"no run {run_id!r}")
         return self._seen(Run.from_row(row))
@@ -111,7 +113,7 @@ class StoreBase:
         statement). A transition and a claim return the same, so the runner reads this only
         when a worker hands it a run."""
         with self._tx(read_only=True) as conn:
-            row = conn.execute(q.load[conn.dialect.name], {"run_id": run_id}).mappings().first()
+            row = q.load.first(conn, {"run_id": run_id})
         if row is None:
             raise errors.RunNotFound(f"no run {run_id!r}")
         return self._loaded(row)
@@ -127,10 +129,7 @@ class StoreBase:
 
     def _fenced(self, conn: sa.Connection, lease: Lease) -> Run:
         """Touch the run row under our lease token (serialising writers) or raise LeaseLost."""
-        row = conn.execute(
-            q.fence, {"run_id": lease.run_id, "token": lease.token, "now": utcnow()}
-        ).mappings()
-        found = row.first()
+        found = q.fence.first(conn, {"run_id": lease.run_id, "token": lease.token, "now": utcnow()})
         if found is None:
             raise _lease_lost(self._get(conn, lease.run_id))
         return self._seen(Run.from_row(found))
@@ -156,22 +155,21 @@ class StoreBase:
         conn: sa.Connection,
         run: Run,
         event: Mapping[str, Any],
-        update: sa.Update = q.move_head,
+        update: Hot = q.move_head,
         **values: Any,
     ) -> None:
         """Chain `event` after the audit head of `run` (read in this transaction, under lock
         or after a fenced write): `update` moves the head, guarded by it, with `values`; then
         the event is inserted."""
         linked = chain.linked(event, self._prev_hash(conn, run))
-        moved = conn.execute(
-            update,
-            {**values, "run_id": run.id, "prev_head": run.audit_head, "head": linked["hash"]},
-        ).rowcount
+        moved = update.rowcount(
+            conn, {**values, "run_id": run.id, "prev_head": run.audit_head, "head": linked["hash"]}
+        )
         if moved != 1:
             raise errors.StaleRun(
                 f"run {run.id} changed while this process wrote to it; nothing was written"
             )
-        conn.execute(q.insert_event, linked)
+        q.insert_event.rowcount(conn, linked)
         self._heads[run.id] = linked["hash"]
 
     def _event(
