@@ -3,7 +3,7 @@
 `run_job` is the side-effect protocol: journal the intent, submit, journal the external
 reference, follow it to the end, journal the outcome. After a crash the same call re-attaches to
 the recorded reference instead of submitting again. Waiting is cooperative: each poll checks the
-lease (kept alive by the runner's heartbeat) and the step's deadline.
+lease (kept alive by the store's heartbeat) and the step's deadline.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The runner: take the run's lease, run the current step, persist its outcome, advance.
 
 It stops on entering `until` (before that state's step runs), when a step waits for a signal,
-in a final state, or in the failed state. One heartbeat thread renews the lease; losing it stops
-the runner before its next write.
+in a final state, or in the failed state. The store's heartbeat renews the lease while it drives
+(`engine.heartbeat`); losing it stops the runner before its next write.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine import errors, logcontext
 from engine.context import ProgressSink, StepContext
+from engine.heartbeat import Beat
 from engine.model import JournalEntry, Lease, Loaded, Run, utcnow
 from engine.store import Store
 from engine.workflow import Advance, Sleep, StepResult, Wait, Workflow
@@ -73,39 +74,6 @@ class RunnerSettings:
 class Stop:
     run: Run
     reason: Literal["final", "failed", "until", "waiting", "interrupted", "sleeping"]
-
-
-class Heartbeat:
-    """Renews the lease every ttl/3 on its own thread; `check()` raises once it is lost."""
-
-    def __init__(self, store: Store, lease: Lease, ttl: float) -> None:
-        self.store, self.lease, self.ttl = store, lease, ttl
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="nodepatch-heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                if not self.store.renew(self.lease, dt.timedelta(seconds=self.ttl)):
-                    self.lost = True
-                    return
-            except errors.DatabaseUnavailable as exc:  # the next beat tries again
-                log.warning("lease renewal failed: %s", exc, extra={"action": "renew_failed"})
-
-    def check(self) -> None:
-        if self.lost:
-            raise errors.lease_lost(
-                self.lease.run_id, self.store.get(self.lease.run_id).lease_owner
-            )
 
 
 class Runner:
@@ -232,7 +200,7 @@ class Runner:
         try:
             with (
                 logcontext.bound(run_id=run_id, workflow=self.workflow.name),
-                Heartbeat(self.store, lease, self.settings.lease_ttl_s) as beat,
+                self.store.heartbeats.holding(lease, self.settings.lease_ttl_s) as beat,
             ):
                 stop = self._loop(lease, beat, until, retry, loaded)
                 return stop
@@ -262,7 +230,7 @@ class Runner:
     def _loop(
         self,
         lease: Lease,
-        beat: Heartbeat,
+        beat: Beat,
         until: str | None,
         retry: bool,
         loaded: Loaded | None,
@@ -307,7 +275,7 @@ class Runner:
             made = step.run.version
 
     def _step(
-        self, lease: Lease, run: Run, beat: Heartbeat, published: dict[str, Any], *, fresh: bool
+        self, lease: Lease, run: Run, beat: Beat, published: dict[str, Any], *, fresh: bool
     ) -> Stop | Loaded:
         """Run the state's step and persist what it returned; a Stop when the drive ends,
         else the run as the transition left it."""
@@ -337,7 +305,7 @@ class Runner:
         return self._fire(lease, run, outcome)
 
     def _execute(
-        self, run: Run, beat: Heartbeat, published: dict[str, Any], *, fresh: bool
+        self, run: Run, beat: Beat, published: dict[str, Any], *, fresh: bool
     ) -> StepResult:
         """Run the state's step, retrying transient errors. `fresh`: this drive's own
         transition made this entry into the state, so its journal is known to be empty."""

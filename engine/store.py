@@ -15,9 +15,12 @@ over a lost connection."""
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
 from engine.advance import Advance
 from engine.creation import Creation, new_run_id
 from engine.dbretry import DB_BACKOFF_S, DB_RETRIES, retried
+from engine.heartbeat import Heartbeats
 from engine.journal import Journal
 from engine.leases import Leases
 from engine.reads import Reads
@@ -37,4 +40,9 @@ __all__ = [
 
 class Store(Creation, Reads, Leases, Advance, Signals, Journal):
     """The engine's store: every read and write of runs, their events, signals, locks,
-    published data and journal (see the parts this class is composed of)."""
+    published data and journal (see the parts this class is composed of). Its `heartbeats`
+    renew the leases its drives hold, on one thread."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.heartbeats = Heartbeats(self)
