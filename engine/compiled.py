@@ -8,7 +8,9 @@ the dialect implements them (`Dialect.type_descriptor`, then the type's public
 `bind_processor` / `result_processor`), and run on the DBAPI cursor of the caller's SQLAlchemy
 connection, inside the caller's transaction. A driver error is raised as SQLAlchemy raises it
 (the same `sa.exc.DBAPIError` subclass), and a connection the dialect calls lost is invalidated
-first, as SQLAlchemy's own execution does, so that the pool never hands it out again.
+first, as SQLAlchemy's own execution does, so that the pool never hands it out again. The
+connection's `before_cursor_execute` listeners are called as for any statement, so that what
+counts or logs statements sees these as well.
 
 Only plain statements qualify: named bind parameters, none expanding (no IN lists), and plain
 named columns when they return rows.
@@ -94,7 +96,7 @@ class _Compiled:
 
     def first(self, conn: sa.Connection, values: Values) -> dict[str, Any] | None:
         parameters = self.parameters(values)
-        cursor = self._cursor(conn)
+        cursor = self._cursor(conn, parameters)
         try:
             cursor.execute(self.sql, parameters)
             row = cursor.fetchone()
@@ -113,7 +115,7 @@ class _Compiled:
 
     def rowcount(self, conn: sa.Connection, values: Values) -> int:
         parameters = self.parameters(values)
-        cursor = self._cursor(conn)
+        cursor = self._cursor(conn, parameters)
         try:
             cursor.execute(self.sql, parameters)
             return int(cursor.rowcount)
@@ -122,9 +124,14 @@ class _Compiled:
         finally:
             cursor.close()
 
-    @staticmethod
-    def _cursor(conn: sa.Connection) -> Any:
-        return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    def _cursor(self, conn: sa.Connection, parameters: Any) -> Any:
+        """A driver cursor of `conn`, announced to its `before_cursor_execute` listeners (those
+        that count or log statements see these too)."""
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        listeners = conn.dispatch.before_cursor_execute
+        if listeners:
+            listeners(conn, cursor, self.sql, parameters, None, False)
+        return cursor
 
     def _raised(self, conn: sa.Connection, exc: Any, parameters: Any) -> sa.exc.StatementError:
         """`exc` as SQLAlchemy would raise it; a lost connection is invalidated first."""

@@ -2,10 +2,12 @@
 
 Building a SQLAlchemy statement and computing its cache key cost more than running it on
 SQLite, so the store's frequent statements are built here once, with named bind parameters,
-and executed with a dict of values. SQLAlchemy computes each one's cache key once and compiles
-it once per dialect (the engine's compiled cache). Statements that differ per database (the
-one-statement load, the upsert) are held per dialect name and built on first use, so a
-process on SQLite never imports SQLAlchemy's PostgreSQL dialect (a CLI start-up cost).
+and executed with a dict of values. The hottest (a transition's, a claim's, a load's, the
+journal's) are `Hot`: compiled once per dialect and run on the driver's cursor
+(engine/compiled.py); the others go through SQLAlchemy, which computes each one's cache key
+once and compiles it once per dialect (the engine's compiled cache). Statements that differ per
+database (the one-statement load, the upserts) are held per dialect name and built on first
+use, so a process on SQLite never imports SQLAlchemy's PostgreSQL dialect (a CLI start-up cost).
 
 Every statement that appends to a run's audit trail moves `run.audit_head` from the event's
 `prev_hash` to its `hash` under the guard `audit_head IS NOT DISTINCT FROM :prev_head`, so two
