@@ -17,6 +17,8 @@ from engine.model import Run, utcnow
 from engine.reads import Reads
 from engine.storebase import _event_fields, _notify
 
+ID_DRAWS = 5  # 24 random bits a second: a thousand runs in one second collide at ~3%
+
 
 def new_run_id(now: dt.datetime) -> str:
     """Sortable and short enough to type: 20261125-100312-3f9a1c."""
@@ -41,7 +43,42 @@ class Creation(Reads):
         """A new run. The database allows one unfinished run per subject: a second one is Busy,
         naming the first. A child (`parent`, `child_key`) belongs to its parent's family. With
         `lease` (owner, ttl) the run is created leased to that owner (token 1), in the same
-        transaction and with the same events as a create and a claim."""
+        transaction and with the same events as a create and a claim. Run IDs are random within
+        their second: an ID another run took in the same second is drawn again."""
+        for _ in range(ID_DRAWS):
+            run = self._create(
+                workflow=workflow,
+                workflow_version=workflow_version,
+                subject=subject,
+                state=state,
+                params=params,
+                actor=actor,
+                parent=parent,
+                child_key=child_key,
+                detached=detached,
+                lease=lease,
+            )
+            if run is not None:
+                return run
+        raise errors.DatabaseError(
+            f"cannot create the run: {ID_DRAWS} run IDs drawn were all taken"
+        )
+
+    def _create(
+        self,
+        *,
+        workflow: str,
+        workflow_version: int,
+        subject: str,
+        state: str,
+        params: Mapping[str, Any],
+        actor: str,
+        parent: Run | None,
+        child_key: str | None,
+        detached: bool,
+        lease: tuple[str, dt.timedelta] | None,
+    ) -> Run | None:
+        """One attempt of `create_run` under a new ID; None if that ID is taken."""
         now = utcnow()
         run_id = new_run_id(now)
         family: dict[str, Any] = {}
@@ -104,6 +141,8 @@ class Creation(Reads):
         except sa.exc.IntegrityError as exc:
             active = self.runs(subject_prefix=subject, active_only=True, limit=20)
             winner = next((r for r in active if r.subject == subject), None)
+            if winner is None and self._taken(run_id):
+                return None
             if winner is None:
                 raise errors.DatabaseError(f"cannot create the run: {exc.orig}") from exc
             holder = f", held by {winner.lease_owner}" if winner.lease_live(now) else ""
@@ -111,3 +150,7 @@ class Creation(Reads):
                 f"{subject} already has the unfinished run {winner.id} ({winner.state}{holder})"
             ) from exc
         return self._seen(Run.from_row(row))
+
+    def _taken(self, run_id: str) -> bool:
+        with self._tx(read_only=True) as conn:
+            return q.run.first(conn, {"run_id": run_id}) is not None

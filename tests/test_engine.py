@@ -292,3 +292,30 @@ def test_a_waiting_step_keeps_its_deadline_across_its_re_entries(engine: sa.Engi
 def _wait_forever(ctx: StepContext) -> StepResult:
     while True:
         ctx.wait(on="something that never comes")
+
+
+def test_a_run_id_taken_in_the_same_second_is_drawn_again(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run IDs are random within their second; a draw that another run already holds is drawn
+    again, and a creation whose draws are all taken fails with a clear error, writing nothing."""
+    from engine import audit, creation
+
+    store = Store(engine)
+    first = store.create_run(
+        workflow="w", workflow_version=1, subject="a", state="A", params={}, actor="t"
+    )
+    draws = iter([first.id, first.id, "20261126-000000-000002"])
+    monkeypatch.setattr(creation, "new_run_id", lambda _now: next(draws))
+    second = store.create_run(
+        workflow="w", workflow_version=1, subject="b", state="A", params={}, actor="t"
+    )
+    assert second.id == "20261126-000000-000002"
+    assert [e.kind for e in store.events(second.id)] == ["created"]
+    assert not audit.verify(store, second.id)
+    monkeypatch.setattr(creation, "new_run_id", lambda _now: first.id)
+    with pytest.raises(errors.DatabaseError, match="run IDs drawn were all taken"):
+        store.create_run(
+            workflow="w", workflow_version=1, subject="c", state="A", params={}, actor="t"
+        )
+    assert {r.subject for r in store.runs(limit=10)} == {"a", "b"}
