@@ -48,16 +48,11 @@ class Run:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Run:
-        values = {name: row[name] for name in cls.__dataclass_fields__}
-        for name in (
-            "lease_expires_at",
-            "created_at",
-            "updated_at",
-            "finished_at",
-            "heartbeat_at",
-            "wake_at",
-        ):
-            values[name] = as_utc(values[name])
+        values = {name: row[name] for name in _RUN_FIELDS}
+        for name in _RUN_TIMES:  # as_utc, inline: a run is read on every transition
+            value = values[name]
+            if value is not None and value.tzinfo is None:
+                values[name] = value.replace(tzinfo=dt.UTC)
         return cls(**values)
 
     @property
@@ -70,6 +65,12 @@ class Run:
         return self.lease_owner is not None and (
             self.lease_expires_at is not None and self.lease_expires_at > now
         )
+
+
+_RUN_FIELDS = tuple(Run.__dataclass_fields__)
+_RUN_TIMES = (
+    "lease_expires_at", "created_at", "updated_at", "finished_at", "heartbeat_at", "wake_at",
+)  # fmt: skip
 
 
 class Loaded(NamedTuple):
