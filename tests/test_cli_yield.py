@@ -169,6 +169,33 @@ def test_a_worker_that_claims_the_run_meanwhile_drives_it_on(tmp_path: Path, db_
     assert d.placement(sim) == before
 
 
+def test_a_run_a_worker_ended_meanwhile_is_reported_as_ended(tmp_path: Path, db_url: str) -> None:
+    """As above, but the worker drives the run to Done before the command wakes: the command
+    says who ended it and reports the end as its own (exit 0, the run's JSON, reason final),
+    not that the worker drives it now."""
+    cli = d.make_cli(tmp_path, db_url, _config(tmp_path / "nodepatch.log"))
+    sim = _cluster(cli)
+    proc = d.spawn(cli, "start", "--cluster", "c1", "--node", "hv1", "--json")
+    run_id = _run_id(db_url)
+    _freeze_between_checks(db_url, run_id, proc)
+    try:
+        assert cli("resume", run_id, "--detach").code == d.EXIT_STOPPED
+        worker = d.spawn(cli, "worker", "--until-idle", "--poll", "0.05")
+        assert worker.wait().code == d.EXIT_DONE
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+    result = proc.wait()
+    with d.store(db_url) as s:
+        run, claims = s.get(run_id), _claims(s.events(run_id))
+    assert run.state == "Done"
+    assert result.code == d.EXIT_DONE, result.err
+    assert result.json()["state"] == "Done"
+    assert result.json()["stopped"] == "final"
+    assert f"run {run_id} was driven to its end (Done) by {claims[-1]} meanwhile" in result.err
+    assert "now driven by" not in result.err
+    assert d.operations(sim.counts()) == ONCE
+
+
 def test_ctrl_c_between_two_checks_stops_at_once(tmp_path: Path, db_url: str) -> None:
     """SIGINT while the command sleeps between two checks (here 3 s apart) stops it within a
     second, exit 3 with the `resume` command; the run is resumable and ends Done with every

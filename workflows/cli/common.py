@@ -71,3 +71,9 @@ def handed_over(run_id: str, holder: str) -> str:
     """What a command says when another process (a worker) claimed the run it was driving while
     it slept between two checks: that process drives it now (exit 3)."""
     return f"run {run_id} is now driven by {holder}; follow it with `nodepatch status {run_id}`"
+
+
+def finished_by(run: Run, holder: str) -> str:
+    """What a command says when another process (a worker) claimed the run it was driving while
+    it slept, and has driven it to its end already: the command reports the end as its own."""
+    return f"run {run.id} was driven to its end ({run.state}) by {holder} meanwhile"

@@ -23,6 +23,7 @@ from workflows.cli.common import (
     EXIT_FAILED,
     EXIT_STOPPED,
     emit,
+    finished_by,
     handed_over,
     inventory,
     pass_app,
@@ -237,14 +238,18 @@ def drive(
             sleep=time.sleep,
             stopping=stop_flag.is_set,
         )
-    if stopped.handed_to is not None:  # a worker claimed the cycle while this process slept
+    run, reason = stopped.stop.run, stopped.stop.reason
+    if stopped.handed_to is not None and run.finished_at is not None:  # a worker ended it
+        click.echo(finished_by(run, stopped.handed_to), err=True)
+        reason = "final"
+    elif stopped.handed_to is not None:  # a worker claimed the cycle while this process slept
         deliver_after(app)
         if as_json:
-            doc = status_doc(app, stopped.stop.run)
+            doc = status_doc(app, run)
             emit({**doc, "stopped": "handed_over", "by": stopped.handed_to})
         click.echo(handed_over(run_id, stopped.handed_to), err=True)
         sys.exit(EXIT_STOPPED)
-    _finish(app, stopped.stop.run, stopped.stop.reason, as_json, stopped.waiting_children)
+    _finish(app, run, reason, as_json, stopped.waiting_children)
 
 
 def _runner(app: App, run: Run, stop_flag: Any) -> Any:

@@ -23,6 +23,7 @@ from workflows.cli.common import (
     EXIT_STOPPED,
     EXIT_WARNINGS,
     emit,
+    finished_by,
     handed_over,
     inventory,
     json_option,
@@ -343,7 +344,10 @@ def _drive(
     stop = stopped.stop
     deliver_after(app)
     if stopped.handed_to is not None:
-        _handed_over(app, stop.run, stopped.handed_to, as_json)
+        if stop.run.finished_at is None:
+            _handed_over(app, stop.run, stopped.handed_to, as_json)
+        click.echo(finished_by(stop.run, stopped.handed_to), err=True)
+        stop = Stop(stop.run, "final")
     timed_out = bound is not None and not bound[0].is_alive() and stop.reason == "interrupted"
     _finish(app, stop, as_json, bound=bound[1] if timed_out and bound else None)
 
