@@ -172,3 +172,17 @@ def test_the_panel_follows_the_messages() -> None:
     assert watch.note("Patching -> Failed: the node never came back")
     assert (watch.state, watch.jobs) == ("Failed", {})
     assert watch.note("drain failed: x; moving the remaining VMs one by one")
+
+
+def test_a_line_said_again_at_a_re_entry_is_shown_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """A waiting step that gives its lease back says what it waits for at each re-entry: the
+    terminal shows the line once, until another line comes between."""
+    progress = terminal.Progress(True, live=False)
+    for message in ("waiting for hv01 to respond (Down)",) * 3 + ("Enabling -> Rebalancing",):
+        progress(message)
+    progress("waiting for hv01 to respond (Down)")
+    assert capsys.readouterr().err.splitlines() == [
+        "  waiting for hv01 to respond (Down)",
+        "  Enabling -> Rebalancing",
+        "  waiting for hv01 to respond (Down)",
+    ]

@@ -169,19 +169,28 @@ class Progress:
         self.live = live
         self.watch = _Watch()
         self._live: Live | None = None
+        self._shown: str | None = None  # the line shown last
 
     def __call__(self, message: str) -> None:
         log.info(message, extra={"action": "progress"})
         if not self.enabled:
             return
         if not self.live:
-            click.echo(f"  {message}", err=True)
+            if self._fresh(message):
+                click.echo(f"  {message}", err=True)
             return
         keep = self.watch.note(message)
         live = self._start()
-        if keep:
+        if keep and self._fresh(message):
             live.console.print(f"  {message}", markup=False, highlight=False)
         live.refresh()
+
+    def _fresh(self, message: str) -> bool:
+        """Whether `message` differs from the line shown last: a step that gives its lease
+        back while it waits (a reboot) says what it waits for again at each re-entry, and the
+        terminal shows it once (the log keeps every one)."""
+        fresh, self._shown = message != self._shown, message
+        return fresh
 
     def _start(self) -> Live:
         if self._live is None:
