@@ -119,17 +119,18 @@ class Runner:
         if until is not None:
             self._known_state(until)
         ttl = dt.timedelta(seconds=self.settings.lease_ttl_s)
-        run = self.store.create_run(
-            workflow=self.workflow.name,
-            workflow_version=self.workflow.version,
-            subject=subject,
-            state=self.workflow.initial,
-            params=params,
-            actor=self.actor,
-            lease=(self.actor, ttl),
-        )
-        lease = Lease(run.id, self.actor, run.lease_token)
-        return self.drive(run.id, until=until, lease=lease, loaded=Loaded(run, [], {}))
+        with self.store.pinned():
+            run = self.store.create_run(
+                workflow=self.workflow.name,
+                workflow_version=self.workflow.version,
+                subject=subject,
+                state=self.workflow.initial,
+                params=params,
+                actor=self.actor,
+                lease=(self.actor, ttl),
+            )
+            lease = Lease(run.id, self.actor, run.lease_token)
+            return self.drive(run.id, until=until, lease=lease, loaded=Loaded(run, [], {}))
 
     def signal(self, run_id: str, name: str, payload: Mapping[str, Any] | None = None) -> bool:
         """Record signal `name` for the run; False if the same signal is already pending."""
@@ -201,6 +202,7 @@ class Runner:
             with (
                 logcontext.bound(run_id=run_id, workflow=self.workflow.name),
                 self.store.heartbeats.holding(lease, self.settings.lease_ttl_s) as beat,
+                self.store.pinned(),
             ):
                 stop = self._loop(lease, beat, until, retry, loaded)
                 return stop
