@@ -191,6 +191,10 @@ class Workers:
                 proc.kill()
                 proc.wait()
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user and system) the live workers have used so far."""
+        return sum(_cpu_s(proc.pid) for proc in self.procs)
+
     def rss_growth(self, start: float, end: float) -> float:
         """The worst worker's peak RSS in the last tenth of [start, end] over its first tenth
         (at least 0.2 s each, four samples, for a quick run)."""
@@ -213,6 +217,21 @@ def _rss_kb(pid: int) -> int | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return None
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU seconds (utime + stime, /proc/PID/stat), 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 class Driver:
@@ -334,7 +353,9 @@ def fleet_run(
     workers = Workers(fleet, workers_count, args.concurrency, args.poll)
     workers.start()
     try:
+        cpu0 = (workers.cpu_s(), _own_cpu_s())
         begin, end = drive_fleet(fleet, workers, args.runs, args.timeout)
+        cpu1 = (workers.cpu_s(), _own_cpu_s())
     finally:
         workers.stop()
     runs = args.runs - args.runs % args.clusters
@@ -343,11 +364,13 @@ def fleet_run(
         duplicates(before, fleet.show(), args.runs, args.clusters),
         workers.rss_growth(begin, end),
     )
+    worker_ms, driver_ms = ((b - a) * 1000 / runs for a, b in zip(cpu0, cpu1, strict=True))
     print(
         f"fleet {name:<10} {runs} node runs, {args.clusters} clusters, {workers_count} workers "
         f"x {args.concurrency} slots: {result.runs_per_s:6.1f} runs/s in {end - begin:5.1f} s | "
         f"duplicate side effects {result.duplicates} | RSS growth (last/first tenth, worst "
-        f"worker) {result.rss_growth:.3f}",
+        f"worker) {result.rss_growth:.3f} | CPU per run: workers {worker_ms:.0f} ms, this "
+        f"driver {driver_ms:.0f} ms",
         flush=True,
     )
     return result
