@@ -6,12 +6,12 @@ current maintenance window, and its own patch and reboot times when it has them)
 (open ones whole; finished ones compact: status, progress, message, details), `faults` (in
 firing order) and `counts` (per cluster and key).
 
-A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`, so
-that waiting processes sleep in the kernel rather than in SQLite's busy loop, then
-`BEGIN IMMEDIATE`. `simrows.Rows` loads what the call needs, one cluster at a time, and
-`flush()` writes back only the rows that changed: a call about one cluster reads and writes that
-cluster's rows (plus the clock, the counts it adds and, when they change, the faults), never the
-others'.
+A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`
+(a descriptor each process keeps open), so that waiting processes sleep in the kernel rather
+than in SQLite's busy loop, then `BEGIN IMMEDIATE`. `simrows.Rows` loads what the call needs,
+one cluster at a time, and `flush()` writes back only the rows that changed: a call about one
+cluster reads and writes that cluster's rows (plus the clock, the counts it adds and, when they
+change, the faults), never the others'.
 """
 
 from __future__ import annotations
@@ -217,13 +217,15 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class Handle:
-    """This process's connection to one file: opened at the first call, opened again when the
-    file was replaced (another inode) or in a forked child, closed by `close()` or with its
-    owner."""
+    """This process's connection to one file, and its descriptor of the lock file: opened at
+    the first call, opened again when the file was replaced (another inode) or in a forked
+    child, closed by `close()` or with their owner."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
         self._conn: sqlite3.Connection | None = None
+        self._lock_fd = -1
         self._identity: tuple[int, int, int] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -238,18 +240,30 @@ class Handle:
         identity = (os.getpid(), stat.st_dev, stat.st_ino)
         if self._conn is None or identity != self._identity:
             if self._identity is not None and self._identity[0] != os.getpid():
-                self._forget()  # a forked child never touches its parent's connection
+                self._forget()  # a forked child never touches its parent's connection or lock
             self.close()
-            self._conn = _connect(self.path)
-            self._identity = identity
-            self._finalizer = weakref.finalize(self, self._conn.close)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._conn = _connect(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd, self._identity = fd, identity
+            self._finalizer = weakref.finalize(self, _close, self._conn, fd)
         return self._conn
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the exclusive lock: the descriptor stays open between calls,
+        and the lock is given back explicitly (a forked child's copy of the descriptor would
+        keep a lock held that is only released by closing it)."""
         conn = self.connection()
-        with _flock(self.path), _immediate(conn):
-            yield conn
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            with _immediate(conn):
+                yield conn
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -259,7 +273,12 @@ class Handle:
     def _forget(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
-        self._conn, self._identity, self._finalizer = None, None, None
+        self._conn, self._lock_fd, self._identity, self._finalizer = None, -1, None, None
+
+
+def _close(conn: sqlite3.Connection, lock_fd: int) -> None:
+    conn.close()
+    os.close(lock_fd)
 
 
 # -- creating a file ----------------------------------------------------------------------------

@@ -282,12 +282,13 @@ class Rows:
         self._flush_vms()
         self._prune(self._flush_jobs())
         self._flush_faults()
-        self.conn.executemany(
-            "INSERT INTO counts (key, cluster, n) VALUES (?, ?, ?) "
-            "ON CONFLICT (key, cluster) DO UPDATE SET n = n + excluded.n",
-            [(key, cid, n) for (key, cid), n in self.counts.items()],
-        )
-        self.counts.clear()
+        if self.counts:
+            self.conn.executemany(
+                "INSERT INTO counts (key, cluster, n) VALUES (?, ?, ?) "
+                "ON CONFLICT (key, cluster) DO UPDATE SET n = n + excluded.n",
+                [(key, cid, n) for (key, cid), n in self.counts.items()],
+            )
+            self.counts.clear()
 
     def _flush_hosts(self) -> None:
         for key, host in self._hosts.items():
@@ -300,8 +301,9 @@ class Rows:
                 self._hosts0[key] = now
 
     def _flush_vms(self) -> None:
-        self.conn.executemany("DELETE FROM vms WHERE id = ?", [(i,) for i in self._to_delete])
-        self._to_delete.clear()
+        if self._to_delete:
+            self.conn.executemany("DELETE FROM vms WHERE id = ?", [(i,) for i in self._to_delete])
+            self._to_delete.clear()
         for vm_id, vm in self._vms.items():
             now = (vm["host"], vm["state"])
             if now != self._vms0[vm_id]:
