@@ -1,10 +1,11 @@
 """The simulated cluster's file: an SQLite database that several processes share.
 
 Tables: one `world` row (a format marker, the schema version, speed, the simulated clock and how
-many finished jobs each cluster keeps), `clusters`, `hosts` (with the reboot job of each host's
-current maintenance window, and its own patch and reboot times when it has them), `vms`, `jobs`
-(open ones whole; finished ones compact: status, progress, message, details), `faults` (in
-firing order) and `counts` (per cluster and key).
+many finished jobs each cluster keeps), `clusters` (each with a version, bumped with every change
+to its rows: see `simrows`), `hosts` (with the reboot job of each host's current maintenance
+window, and its own patch and reboot times when it has them), `vms`, `jobs` (open ones whole;
+finished ones compact: status, progress, message, details), `faults` (in firing order) and
+`counts` (per cluster and key).
 
 A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`
 (a descriptor each process keeps open), so that waiting processes sleep in the kernel rather
@@ -34,7 +35,7 @@ from workflows.backends import simfaults, simrows
 JSON = dict[str, Any]
 
 FORMAT = "nodepatch-simulated-cluster"
-SCHEMA_VERSION = 2  # 2: hosts.patch_s and hosts.reboot_s
+SCHEMA_VERSION = 3  # 2: hosts.patch_s and hosts.reboot_s; 3: clusters.version
 JOB_HISTORY = 1000  # finished jobs kept per cluster (besides each host's maintenance reboot)
 _BUSY_TIMEOUT_S = 60.0
 _HEADER = b"SQLite format 3\x00"
@@ -54,7 +55,8 @@ CREATE TABLE clusters (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0
+    finished INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE hosts (
     seq INTEGER PRIMARY KEY,
@@ -225,6 +227,7 @@ class Handle:
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
         self._conn: sqlite3.Connection | None = None
+        self.kept: dict[int, simrows.Cached] = {}  # rows of clusters read on this connection
         self._lock_fd = -1
         self._identity: tuple[int, int, int] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -274,6 +277,7 @@ class Handle:
         if self._finalizer is not None:
             self._finalizer.detach()
         self._conn, self._lock_fd, self._identity, self._finalizer = None, -1, None, None
+        self.kept = {}
 
 
 def _close(conn: sqlite3.Connection, lock_fd: int) -> None:
@@ -338,11 +342,13 @@ def _replace(path: Path, state: JSON, now: float, job_history: int) -> None:
 def _fill(
     conn: sqlite3.Connection, state: JSON, now: float, job_history: int, *, fresh: bool
 ) -> None:
+    version = 0
     if fresh:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-    else:
+    else:  # past every version a process may keep rows of
+        version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM clusters").fetchone()[0]
         for table in ("world", "clusters", "hosts", "vms", "jobs", "faults", "counts"):
             conn.execute(f"DELETE FROM {table}")  # noqa: S608 - constant table names
     conn.execute(
@@ -352,8 +358,8 @@ def _fill(
     host_cluster: dict[str, int] = {}
     for cid, cluster in enumerate(state["clusters"], start=1):
         conn.execute(
-            "INSERT INTO clusters (id, key, name) VALUES (?, ?, ?)",
-            (cid, cluster["name"].lower(), cluster["name"]),
+            "INSERT INTO clusters (id, key, name, version) VALUES (?, ?, ?, ?)",
+            (cid, cluster["name"].lower(), cluster["name"], version),
         )
         for h in cluster["hosts"]:
             host_cluster[h["name"]] = cid

@@ -1,5 +1,11 @@
 """The rows one call of the simulated cluster works on: loaded cluster by cluster from the
 simulator's SQLite file (`simdb`), changed in memory as dicts, and written back when they changed.
+
+Each cluster row has a `version`, bumped in the transaction that writes any of the cluster's
+hosts, VMs or jobs (or its count of finished jobs). A process keeps the rows of each cluster as
+of a version (`Cached`, in `simdb.Handle`): a call reads the cluster's row, and reads its hosts,
+VMs and open jobs again only when the version is not the one kept. What a call wrote becomes the
+kept version once its transaction has committed (`Rows.fresh`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,14 @@ from typing import Any
 from workflows.backends import base
 
 JSON = dict[str, Any]
+
+HOSTS = (
+    "SELECT key, name, memory_mb, maintenance, state, window_reboot, patch_s, reboot_s "
+    "FROM hosts WHERE cluster = ? ORDER BY seq"
+)
+VMS = "SELECT seq, id, name, host, ha, state, memory_mb FROM vms WHERE cluster = ? ORDER BY seq"
+OPEN_JOBS = "SELECT id, doc FROM jobs WHERE cluster = ? AND open = 1 ORDER BY seq"
+Row = tuple[Any, ...]
 
 _FINISHED_KEYS = ("id", "kind", "target", "status", "progress", "message", "details", "started_at")
 
@@ -35,6 +49,18 @@ class Cluster:
     name: str
     hosts: list[JSON] = field(default_factory=list)
     finished: int = 0
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class Cached:
+    """A cluster's hosts, VMs and open jobs as stored at one version, as the queries HOSTS, VMS
+    and OPEN_JOBS return them."""
+
+    version: int
+    hosts: tuple[Row, ...]
+    vms: tuple[Row, ...]
+    jobs: tuple[Row, ...]
 
 
 def _compact(job: JSON) -> JSON:
@@ -50,8 +76,10 @@ class Rows:
     writes back what changed since the rows were loaded or last flushed.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, kept: dict[int, Cached] | None = None) -> None:
         self.conn = conn
+        self._kept = {} if kept is None else kept  # read here; written only after a commit
+        self.fresh: dict[int, Cached] = {}  # what this call wrote, to keep once committed
         row = conn.execute("SELECT speed, sim_time, real_time, job_history FROM world").fetchone()
         self.speed: float = row[0]
         self.sim_time: float = row[1]
@@ -66,9 +94,13 @@ class Rows:
         self._hosts: dict[str, JSON] = {}  # by key (lower-case name)
         self._host_cluster: dict[str, int] = {}
         self._hosts0: dict[str, tuple[bool, str, str | None]] = {}
+        self._host_rows: dict[int, tuple[Row, ...]] = {}  # by cluster, as loaded
         self._vms: dict[str, JSON] = {}
         self._vm_seq: dict[str, int] = {}
         self._vms0: dict[str, tuple[str, str]] = {}
+        self._vm_rows: dict[str, Row] = {}  # as loaded
+        self._vm_cluster: dict[str, int] = {}  # as stored
+        self._gone: set[int] = set()  # clusters a deleted VM was in, until the next flush
         self._deleted: set[str] = set()
         self._to_delete: list[str] = []
         self._jobs: dict[str, JSON] = {}
@@ -102,26 +134,29 @@ class Rows:
     def load(self, cid: int) -> Cluster:
         if cid in self.clusters:
             return self.clusters[cid]
-        name, finished_jobs = self.conn.execute(
-            "SELECT name, finished FROM clusters WHERE id = ?", (cid,)
+        name, finished_jobs, version = self.conn.execute(
+            "SELECT name, finished, version FROM clusters WHERE id = ?", (cid,)
         ).fetchone()
-        cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs)
-        self._load_hosts(cluster)
-        self._load_vms(cid)
+        cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs, version)
+        kept = self._kept.get(cid)
+        if kept is None or kept.version != version:
+            kept = self._kept[cid] = Cached(
+                version,
+                tuple(self.conn.execute(HOSTS, (cid,)).fetchall()),
+                tuple(self.conn.execute(VMS, (cid,)).fetchall()),
+                tuple(self.conn.execute(OPEN_JOBS, (cid,)).fetchall()),
+            )
+        self._load_hosts(cluster, kept.hosts)
+        self._load_vms(cid, kept.vms)
         self._open[cid] = []
-        for job_id, doc in self.conn.execute(
-            "SELECT id, doc FROM jobs WHERE cluster = ? AND open = 1 ORDER BY seq", (cid,)
-        ).fetchall():
+        for job_id, doc in kept.jobs:
             self._remember_job(cid, job_id, doc, is_open=True)
         self.on_load(cluster)
         return cluster
 
-    def _load_hosts(self, cluster: Cluster) -> None:
-        for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in self.conn.execute(
-            "SELECT key, name, memory_mb, maintenance, state, window_reboot, patch_s, reboot_s "
-            "FROM hosts WHERE cluster = ? ORDER BY seq",
-            (cluster.id,),
-        ).fetchall():
+    def _load_hosts(self, cluster: Cluster, rows: tuple[Row, ...]) -> None:
+        self._host_rows[cluster.id] = rows
+        for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in rows:
             host = {
                 "name": name,
                 "memory_mb": memory,
@@ -135,12 +170,9 @@ class Rows:
             self.reboots[key] = reboot
             self._hosts0[key] = (bool(maintenance), state, reboot)
 
-    def _load_vms(self, cid: int) -> None:
-        for seq, vm_id, name, host, ha, state, memory in self.conn.execute(
-            "SELECT seq, id, name, host, ha, state, memory_mb FROM vms "
-            "WHERE cluster = ? ORDER BY seq",
-            (cid,),
-        ).fetchall():
+    def _load_vms(self, cid: int, rows: tuple[Row, ...]) -> None:
+        for row in rows:
+            seq, vm_id, name, host, ha, state, memory = row
             self._vms[vm_id] = {
                 "id": vm_id,
                 "name": name,
@@ -151,6 +183,8 @@ class Rows:
             }
             self._vm_seq[vm_id] = seq
             self._vms0[vm_id] = (host, state)
+            self._vm_rows[vm_id] = row
+            self._vm_cluster[vm_id] = cid
 
     # hosts and VMs ----------------------------------------------------------------------------
 
@@ -176,6 +210,7 @@ class Rows:
 
     def delete_vm(self, vm_id: str) -> None:
         del self._vms[vm_id]
+        self._gone.add(self._vm_cluster.pop(vm_id))
         self._deleted.add(vm_id)
         self._to_delete.append(vm_id)
 
@@ -278,9 +313,10 @@ class Rows:
         if clock != self._clock0:
             self.conn.execute("UPDATE world SET speed = ?, sim_time = ?, real_time = ?", clock)
             self._clock0 = clock
-        self._flush_hosts()
-        self._flush_vms()
-        self._prune(self._flush_jobs())
+        touched = self._flush_hosts() | self._flush_vms()
+        newly = self._flush_jobs(touched)
+        self._prune(newly)
+        self._bump(touched)
         self._flush_faults()
         if self.counts:
             self.conn.executemany(
@@ -290,7 +326,9 @@ class Rows:
             )
             self.counts.clear()
 
-    def _flush_hosts(self) -> None:
+    def _flush_hosts(self) -> set[int]:
+        """Write the changed hosts; the clusters they are in."""
+        touched = set()
         for key, host in self._hosts.items():
             now = (host["maintenance"], host["state"], self.reboots[key])
             if now != self._hosts0[key]:
@@ -299,27 +337,38 @@ class Rows:
                     (*now, key),
                 )
                 self._hosts0[key] = now
+                touched.add(self._host_cluster[key])
+        return touched
 
-    def _flush_vms(self) -> None:
+    def _flush_vms(self) -> set[int]:
+        """Delete the deleted VMs, write the changed ones; the clusters they were and are in."""
+        touched, self._gone = self._gone, set()
         if self._to_delete:
             self.conn.executemany("DELETE FROM vms WHERE id = ?", [(i,) for i in self._to_delete])
             self._to_delete.clear()
         for vm_id, vm in self._vms.items():
             now = (vm["host"], vm["state"])
             if now != self._vms0[vm_id]:
+                cid = self.cluster_of(vm["host"])
                 self.conn.execute(
                     "UPDATE vms SET host = ?, state = ?, cluster = ? WHERE id = ?",
-                    (*now, self.cluster_of(vm["host"]), vm_id),
+                    (*now, cid, vm_id),
                 )
                 self._vms0[vm_id] = now
+                touched.update((self._vm_cluster[vm_id], cid))
+                self._vm_cluster[vm_id] = cid
+        return touched
 
-    def _flush_jobs(self) -> collections.Counter[int]:
-        """Write new and changed jobs (finished ones compact); count the newly finished."""
+    def _flush_jobs(self, touched: set[int]) -> collections.Counter[int]:
+        """Write new and changed jobs (finished ones compact), adding their clusters to
+        touched; count the newly finished."""
         newly: collections.Counter[int] = collections.Counter()
         for job_id, job in self._jobs.items():
             done = finished(job)
             doc = dump(_compact(job) if done else job)
             before, cid = self._jobs0[job_id], self.job_cluster[job_id]
+            if (before is None or job_id in self._was_open) and doc != before:
+                touched.add(cid)  # a job its cluster's load reads (an open one) changed
             if before is None:
                 self.conn.execute(
                     "INSERT INTO jobs (id, cluster, target, open, doc) VALUES (?, ?, ?, ?, ?)",
@@ -355,6 +404,43 @@ class Rows:
             self.conn.execute(
                 "UPDATE clusters SET finished = ? WHERE id = ?", (cluster.finished, cid)
             )
+
+    def _bump(self, touched: set[int]) -> None:
+        """A new version of each cluster written, and its rows as now stored in `fresh` (the
+        hosts, VMs and open jobs that a load at that version reads)."""
+        if not touched:
+            return
+        self.conn.executemany(
+            "UPDATE clusters SET version = version + 1 WHERE id = ?", [(c,) for c in touched]
+        )
+        for cid in touched:
+            cluster = self.clusters[cid]
+            cluster.version += 1
+            hosts, vms = self._stored_hosts(cid), self._stored_vms(cid)
+            self.fresh[cid] = Cached(cluster.version, hosts, vms, self._open_docs(cid))
+
+    def _stored_hosts(self, cid: int) -> tuple[Row, ...]:
+        rows = []
+        for key, name, memory, _m, _s, _r, patch_s, reboot_s in self._host_rows[cid]:
+            maintenance, state, reboot = self._hosts0[key]
+            rows.append((key, name, memory, maintenance, state, reboot, patch_s, reboot_s))
+        return tuple(rows)
+
+    def _stored_vms(self, cid: int) -> tuple[Row, ...]:
+        rows = []
+        for vm_id, stored in self._vm_cluster.items():
+            if stored == cid:
+                seq, _i, name, _h, ha, _s, memory = self._vm_rows[vm_id]
+                host, state = self._vms0[vm_id]
+                rows.append((seq, vm_id, name, host, ha, state, memory))
+        return tuple(sorted(rows))
+
+    def _open_docs(self, cid: int) -> tuple[Row, ...]:
+        """The stored open jobs of a cluster in submission order (those loaded were in order,
+        and a new one has a higher seq than any before it)."""
+        return tuple(
+            (job["id"], self._jobs0[job["id"]]) for job in self._open[cid] if not finished(job)
+        )
 
     def _flush_faults(self) -> None:
         if self._faults is None:
