@@ -28,6 +28,12 @@ HOSTS = (
 VMS = "SELECT seq, id, name, host, ha, state, memory_mb FROM vms WHERE cluster = ? ORDER BY seq"
 OPEN_JOBS = "SELECT id, doc FROM jobs WHERE cluster = ? AND open = 1 ORDER BY seq"
 Row = tuple[Any, ...]
+# A clusters row as `Rows.load` takes it, by id, by key, of a host and of a VM.
+_CLUSTER = "SELECT c.id, c.name, c.finished, c.version FROM clusters c "
+_CLUSTER_BY_ID = _CLUSTER + "WHERE c.id = ?"
+_CLUSTER_BY_KEY = _CLUSTER + "WHERE c.key = ?"
+_CLUSTER_OF_HOST = _CLUSTER + "JOIN hosts h ON h.cluster = c.id WHERE h.key = ?"
+_CLUSTER_OF_VM = _CLUSTER + "JOIN vms v ON v.cluster = c.id WHERE v.id = ?"
 
 _FINISHED_KEYS = ("id", "kind", "target", "status", "progress", "message", "details", "started_at")
 
@@ -80,11 +86,15 @@ class Rows:
         self.conn = conn
         self._kept = {} if kept is None else kept  # read here; written only after a commit
         self.fresh: dict[int, Cached] = {}  # what this call wrote, to keep once committed
-        row = conn.execute("SELECT speed, sim_time, real_time, job_history FROM world").fetchone()
+        row = conn.execute(
+            "SELECT speed, sim_time, real_time, job_history, EXISTS (SELECT 1 FROM faults) "
+            "FROM world"
+        ).fetchone()
         self.speed: float = row[0]
         self.sim_time: float = row[1]
         self.real_time: float = row[2]
         self.job_history: int = row[3]
+        self._any_faults: bool = bool(row[4])  # no fault rows: none to read
         self._clock0 = (self.speed, self.sim_time, self.real_time)
         self.on_load: Callable[[Cluster], None] = lambda cluster: None
         self.clusters: dict[int, Cluster] = {}
@@ -113,8 +123,8 @@ class Rows:
     # clusters ---------------------------------------------------------------------------------
 
     def cluster_named(self, name: str) -> Cluster | None:
-        row = self.conn.execute("SELECT id FROM clusters WHERE key = ?", (name.lower(),)).fetchone()
-        return None if row is None else self.load(row[0])
+        row = self.conn.execute(_CLUSTER_BY_KEY, (name.lower(),)).fetchone()
+        return None if row is None else self.load(row[0], row)
 
     def cluster_names(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT name FROM clusters ORDER BY id")]
@@ -131,12 +141,14 @@ class Rows:
         ).fetchall():
             self.load(cid)
 
-    def load(self, cid: int) -> Cluster:
+    def load(self, cid: int, row: Row | None = None) -> Cluster:
+        """The cluster, loaded the first time; `row` its clusters row (`_CLUSTER`) when the
+        caller has read it."""
         if cid in self.clusters:
             return self.clusters[cid]
-        name, finished_jobs, version = self.conn.execute(
-            "SELECT name, finished, version FROM clusters WHERE id = ?", (cid,)
-        ).fetchone()
+        if row is None:
+            row = self.conn.execute(_CLUSTER_BY_ID, (cid,)).fetchone()
+        _, name, finished_jobs, version = row
         cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs, version)
         kept = self._kept.get(cid)
         if kept is None or kept.version != version:
@@ -191,10 +203,10 @@ class Rows:
     def host(self, name: str) -> JSON | None:
         key = name.lower()
         if key not in self._hosts:
-            row = self.conn.execute("SELECT cluster FROM hosts WHERE key = ?", (key,)).fetchone()
+            row = self.conn.execute(_CLUSTER_OF_HOST, (key,)).fetchone()
             if row is None:
                 return None
-            self.load(row[0])
+            self.load(row[0], row)
         return self._hosts.get(key)
 
     def cluster_of(self, host: str) -> int:
@@ -203,9 +215,9 @@ class Rows:
 
     def vm(self, vm_id: str) -> JSON | None:
         if vm_id not in self._vms and vm_id not in self._deleted:
-            row = self.conn.execute("SELECT cluster FROM vms WHERE id = ?", (vm_id,)).fetchone()
+            row = self.conn.execute(_CLUSTER_OF_VM, (vm_id,)).fetchone()
             if row is not None:
-                self.load(row[0])
+                self.load(row[0], row)
         return self._vms.get(vm_id)
 
     def delete_vm(self, vm_id: str) -> None:
@@ -272,9 +284,11 @@ class Rows:
     def faults(self) -> list[JSON]:
         """The faults not yet used up, in firing order (change the list in place)."""
         if self._faults is None:
-            self._faults0 = [
-                row[0] for row in self.conn.execute("SELECT doc FROM faults ORDER BY seq")
-            ]
+            self._faults0 = (
+                [row[0] for row in self.conn.execute("SELECT doc FROM faults ORDER BY seq")]
+                if self._any_faults
+                else []
+            )
             self._faults = [json.loads(doc) for doc in self._faults0]
         return self._faults
 
