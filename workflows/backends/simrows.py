@@ -2,10 +2,10 @@
 simulator's SQLite file (`simdb`), changed in memory as dicts, and written back when they changed.
 
 Each cluster row has a `version`, bumped in the transaction that writes any of the cluster's
-hosts, VMs or jobs (or its count of finished jobs). A process keeps the rows of each cluster as
-of a version (`Cached`, in `simdb.Handle`): a call reads the cluster's row, and reads its hosts,
-VMs and open jobs again only when the version is not the one kept. What a call wrote becomes the
-kept version once its transaction has committed (`Rows.fresh`).
+hosts, VMs or open jobs (a VM moved to another cluster bumps both). A process keeps the rows of
+each cluster as of a version (`Cached`, in `simdb.Handle`): a call reads the cluster's row, and
+reads its hosts, VMs and open jobs again only when the version is not the one kept. What a call
+wrote becomes the kept version once its transaction has committed (`Rows.fresh`).
 """
 
 from __future__ import annotations
