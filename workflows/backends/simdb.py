@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import errors
-from workflows.backends import simfaults, simrows
+from workflows.backends import simfaults, simkept, simrows
 
 JSON = dict[str, Any]
 
@@ -227,7 +227,7 @@ class Handle:
         self.path = path
         self._lock_path = path.with_name(path.name + ".lock")
         self._conn: sqlite3.Connection | None = None
-        self.kept: dict[int, simrows.Cached] = {}  # rows of clusters read on this connection
+        self.kept: dict[int, simkept.Cached] = {}  # rows of clusters read on this connection
         self._lock_fd = -1
         self._identity: tuple[int, int, int] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None

@@ -3,9 +3,9 @@ simulator's SQLite file (`simdb`), changed in memory as dicts, and written back 
 
 Each cluster row has a `version`, bumped in the transaction that writes any of the cluster's
 hosts, VMs or open jobs (a VM moved to another cluster bumps both). A process keeps the rows of
-each cluster as of a version (`Cached`, in `simdb.Handle`): a call reads the cluster's row, and
-reads its hosts, VMs and open jobs again only when the version is not the one kept. What a call
-wrote becomes the kept version once its transaction has committed (`Rows.fresh`).
+each cluster as of a version (`simkept.Cached`, in `simdb.Handle`): a call reads the cluster's
+row, and reads its hosts, VMs and open jobs again only when the version is not the one kept.
+What a call wrote becomes the kept version once its transaction has committed (`Rows.fresh`).
 """
 
 from __future__ import annotations
@@ -17,23 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflows.backends import base
+from workflows.backends import base, simkept
 
 JSON = dict[str, Any]
-
-HOSTS = (
-    "SELECT key, name, memory_mb, maintenance, state, window_reboot, patch_s, reboot_s "
-    "FROM hosts WHERE cluster = ? ORDER BY seq"
-)
-VMS = "SELECT seq, id, name, host, ha, state, memory_mb FROM vms WHERE cluster = ? ORDER BY seq"
-OPEN_JOBS = "SELECT id, doc FROM jobs WHERE cluster = ? AND open = 1 ORDER BY seq"
-Row = tuple[Any, ...]
-# A clusters row as `Rows.load` takes it, by id, by key, of a host and of a VM.
-_CLUSTER = "SELECT c.id, c.name, c.finished, c.version FROM clusters c "
-_CLUSTER_BY_ID = _CLUSTER + "WHERE c.id = ?"
-_CLUSTER_BY_KEY = _CLUSTER + "WHERE c.key = ?"
-_CLUSTER_OF_HOST = _CLUSTER + "JOIN hosts h ON h.cluster = c.id WHERE h.key = ?"
-_CLUSTER_OF_VM = _CLUSTER + "JOIN vms v ON v.cluster = c.id WHERE v.id = ?"
 
 _FINISHED_KEYS = ("id", "kind", "target", "status", "progress", "message", "details", "started_at")
 
@@ -58,17 +44,6 @@ class Cluster:
     version: int = 0
 
 
-@dataclass(frozen=True)
-class Cached:
-    """A cluster's hosts, VMs and open jobs as stored at one version, as the queries HOSTS, VMS
-    and OPEN_JOBS return them."""
-
-    version: int
-    hosts: tuple[Row, ...]
-    vms: tuple[Row, ...]
-    jobs: tuple[Row, ...]
-
-
 def _compact(job: JSON) -> JSON:
     """What a finished job keeps: what `job()` reports about it."""
     return {key: job[key] for key in _FINISHED_KEYS}
@@ -82,10 +57,12 @@ class Rows:
     writes back what changed since the rows were loaded or last flushed.
     """
 
-    def __init__(self, conn: sqlite3.Connection, kept: dict[int, Cached] | None = None) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, kept: dict[int, simkept.Cached] | None = None
+    ) -> None:
         self.conn = conn
         self._kept = {} if kept is None else kept  # read here; written only after a commit
-        self.fresh: dict[int, Cached] = {}  # what this call wrote, to keep once committed
+        self.fresh: dict[int, simkept.Cached] = {}  # what this call wrote, to keep once committed
         row = conn.execute(
             "SELECT speed, sim_time, real_time, job_history, EXISTS (SELECT 1 FROM faults) "
             "FROM world"
@@ -104,11 +81,11 @@ class Rows:
         self._hosts: dict[str, JSON] = {}  # by key (lower-case name)
         self._host_cluster: dict[str, int] = {}
         self._hosts0: dict[str, tuple[bool, str, str | None]] = {}
-        self._host_rows: dict[int, tuple[Row, ...]] = {}  # by cluster, as loaded
+        self._host_rows: dict[int, tuple[simkept.Row, ...]] = {}  # by cluster, as loaded
         self._vms: dict[str, JSON] = {}
         self._vm_seq: dict[str, int] = {}
         self._vms0: dict[str, tuple[str, str]] = {}
-        self._vm_rows: dict[str, Row] = {}  # as loaded
+        self._vm_rows: dict[str, simkept.Row] = {}  # as loaded
         self._vm_cluster: dict[str, int] = {}  # as stored
         self._gone: set[int] = set()  # clusters a deleted VM was in, until the next flush
         self._deleted: set[str] = set()
@@ -123,7 +100,7 @@ class Rows:
     # clusters ---------------------------------------------------------------------------------
 
     def cluster_named(self, name: str) -> Cluster | None:
-        row = self.conn.execute(_CLUSTER_BY_KEY, (name.lower(),)).fetchone()
+        row = self.conn.execute(simkept.CLUSTER_BY_KEY, (name.lower(),)).fetchone()
         return None if row is None else self.load(row[0], row)
 
     def cluster_names(self) -> list[str]:
@@ -141,22 +118,22 @@ class Rows:
         ).fetchall():
             self.load(cid)
 
-    def load(self, cid: int, row: Row | None = None) -> Cluster:
-        """The cluster, loaded the first time; `row` its clusters row (`_CLUSTER`) when the
-        caller has read it."""
+    def load(self, cid: int, row: simkept.Row | None = None) -> Cluster:
+        """The cluster, loaded the first time; `row` its clusters row (as `simkept.CLUSTER`
+        reads it) when the caller has read it."""
         if cid in self.clusters:
             return self.clusters[cid]
         if row is None:
-            row = self.conn.execute(_CLUSTER_BY_ID, (cid,)).fetchone()
+            row = self.conn.execute(simkept.CLUSTER_BY_ID, (cid,)).fetchone()
         _, name, finished_jobs, version = row
         cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs, version)
         kept = self._kept.get(cid)
         if kept is None or kept.version != version:
-            kept = self._kept[cid] = Cached(
+            kept = self._kept[cid] = simkept.Cached(
                 version,
-                tuple(self.conn.execute(HOSTS, (cid,)).fetchall()),
-                tuple(self.conn.execute(VMS, (cid,)).fetchall()),
-                tuple(self.conn.execute(OPEN_JOBS, (cid,)).fetchall()),
+                tuple(self.conn.execute(simkept.HOSTS, (cid,)).fetchall()),
+                tuple(self.conn.execute(simkept.VMS, (cid,)).fetchall()),
+                tuple(self.conn.execute(simkept.OPEN_JOBS, (cid,)).fetchall()),
             )
         self._load_hosts(cluster, kept.hosts)
         self._load_vms(cid, kept.vms)
@@ -166,7 +143,7 @@ class Rows:
         self.on_load(cluster)
         return cluster
 
-    def _load_hosts(self, cluster: Cluster, rows: tuple[Row, ...]) -> None:
+    def _load_hosts(self, cluster: Cluster, rows: tuple[simkept.Row, ...]) -> None:
         self._host_rows[cluster.id] = rows
         for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in rows:
             host = {
@@ -182,7 +159,7 @@ class Rows:
             self.reboots[key] = reboot
             self._hosts0[key] = (bool(maintenance), state, reboot)
 
-    def _load_vms(self, cid: int, rows: tuple[Row, ...]) -> None:
+    def _load_vms(self, cid: int, rows: tuple[simkept.Row, ...]) -> None:
         for row in rows:
             seq, vm_id, name, host, ha, state, memory = row
             self._vms[vm_id] = {
@@ -203,7 +180,7 @@ class Rows:
     def host(self, name: str) -> JSON | None:
         key = name.lower()
         if key not in self._hosts:
-            row = self.conn.execute(_CLUSTER_OF_HOST, (key,)).fetchone()
+            row = self.conn.execute(simkept.CLUSTER_OF_HOST, (key,)).fetchone()
             if row is None:
                 return None
             self.load(row[0], row)
@@ -215,7 +192,7 @@ class Rows:
 
     def vm(self, vm_id: str) -> JSON | None:
         if vm_id not in self._vms and vm_id not in self._deleted:
-            row = self.conn.execute(_CLUSTER_OF_VM, (vm_id,)).fetchone()
+            row = self.conn.execute(simkept.CLUSTER_OF_VM, (vm_id,)).fetchone()
             if row is not None:
                 self.load(row[0], row)
         return self._vms.get(vm_id)
@@ -431,16 +408,16 @@ class Rows:
             cluster = self.clusters[cid]
             cluster.version += 1
             hosts, vms = self._stored_hosts(cid), self._stored_vms(cid)
-            self.fresh[cid] = Cached(cluster.version, hosts, vms, self._open_docs(cid))
+            self.fresh[cid] = simkept.Cached(cluster.version, hosts, vms, self._open_docs(cid))
 
-    def _stored_hosts(self, cid: int) -> tuple[Row, ...]:
+    def _stored_hosts(self, cid: int) -> tuple[simkept.Row, ...]:
         rows = []
         for key, name, memory, _m, _s, _r, patch_s, reboot_s in self._host_rows[cid]:
             maintenance, state, reboot = self._hosts0[key]
             rows.append((key, name, memory, maintenance, state, reboot, patch_s, reboot_s))
         return tuple(rows)
 
-    def _stored_vms(self, cid: int) -> tuple[Row, ...]:
+    def _stored_vms(self, cid: int) -> tuple[simkept.Row, ...]:
         rows = []
         for vm_id, stored in self._vm_cluster.items():
             if stored == cid:
@@ -449,7 +426,7 @@ class Rows:
                 rows.append((seq, vm_id, name, host, ha, state, memory))
         return tuple(sorted(rows))
 
-    def _open_docs(self, cid: int) -> tuple[Row, ...]:
+    def _open_docs(self, cid: int) -> tuple[simkept.Row, ...]:
         """The stored open jobs of a cluster in submission order (those loaded were in order,
         and a new one has a higher seq than any before it)."""
         return tuple(
