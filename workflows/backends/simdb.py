@@ -1,17 +1,18 @@
 """The simulated cluster's file: an SQLite database that several processes share.
 
 Tables: one `world` row (a format marker, the schema version, speed, the simulated clock and how
-many finished jobs each cluster keeps), `clusters`, `hosts` (with the reboot job of each host's
-current maintenance window, and its own patch and reboot times when it has them), `vms`, `jobs`
-(open ones whole; finished ones compact: status, progress, message, details), `faults` (in
-firing order) and `counts` (per cluster and key).
+many finished jobs each cluster keeps), `clusters` (each with a version, bumped with every change
+to its rows: see `simrows`), `hosts` (with the reboot job of each host's current maintenance
+window, and its own patch and reboot times when it has them), `vms`, `jobs` (open ones whole;
+finished ones compact: status, progress, message, details), `faults` (in firing order) and
+`counts` (per cluster and key).
 
-A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`, so
-that waiting processes sleep in the kernel rather than in SQLite's busy loop, then
-`BEGIN IMMEDIATE`. `simrows.Rows` loads what the call needs, one cluster at a time, and
-`flush()` writes back only the rows that changed: a call about one cluster reads and writes that
-cluster's rows (plus the clock, the counts it adds and, when they change, the faults), never the
-others'.
+A call is one transaction. `Handle.transaction()` takes an exclusive `flock` on `<file>.lock`
+(a descriptor each process keeps open), so that waiting processes sleep in the kernel rather
+than in SQLite's busy loop, then `BEGIN IMMEDIATE`. `simrows.Rows` loads what the call needs,
+one cluster at a time, and `flush()` writes back only the rows that changed: a call about one
+cluster reads and writes that cluster's rows (plus the clock, the counts it adds and, when they
+change, the faults), never the others'.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from engine import errors
-from workflows.backends import simfaults, simrows
+from workflows.backends import simfaults, simkept, simrows
 
 JSON = dict[str, Any]
 
 FORMAT = "nodepatch-simulated-cluster"
-SCHEMA_VERSION = 2  # 2: hosts.patch_s and hosts.reboot_s
+SCHEMA_VERSION = 3  # 2: hosts.patch_s and hosts.reboot_s; 3: clusters.version
 JOB_HISTORY = 1000  # finished jobs kept per cluster (besides each host's maintenance reboot)
 _BUSY_TIMEOUT_S = 60.0
 _HEADER = b"SQLite format 3\x00"
@@ -54,7 +55,8 @@ CREATE TABLE clusters (
     id INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL,
-    finished INTEGER NOT NULL DEFAULT 0
+    finished INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE hosts (
     seq INTEGER PRIMARY KEY,
@@ -217,13 +219,16 @@ def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class Handle:
-    """This process's connection to one file: opened at the first call, opened again when the
-    file was replaced (another inode) or in a forked child, closed by `close()` or with its
-    owner."""
+    """This process's connection to one file, and its descriptor of the lock file: opened at
+    the first call, opened again when the file was replaced (another inode) or in a forked
+    child, closed by `close()` or with their owner."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
         self._conn: sqlite3.Connection | None = None
+        self.kept: dict[int, simkept.Cached] = {}  # rows of clusters read on this connection
+        self._lock_fd = -1
         self._identity: tuple[int, int, int] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -238,18 +243,30 @@ class Handle:
         identity = (os.getpid(), stat.st_dev, stat.st_ino)
         if self._conn is None or identity != self._identity:
             if self._identity is not None and self._identity[0] != os.getpid():
-                self._forget()  # a forked child never touches its parent's connection
+                self._forget()  # a forked child never touches its parent's connection or lock
             self.close()
-            self._conn = _connect(self.path)
-            self._identity = identity
-            self._finalizer = weakref.finalize(self, self._conn.close)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._conn = _connect(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd, self._identity = fd, identity
+            self._finalizer = weakref.finalize(self, _close, self._conn, fd)
         return self._conn
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the exclusive lock: the descriptor stays open between calls,
+        and the lock is given back explicitly (a forked child's copy of the descriptor would
+        keep a lock held that is only released by closing it)."""
         conn = self.connection()
-        with _flock(self.path), _immediate(conn):
-            yield conn
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            with _immediate(conn):
+                yield conn
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -259,7 +276,13 @@ class Handle:
     def _forget(self) -> None:
         if self._finalizer is not None:
             self._finalizer.detach()
-        self._conn, self._identity, self._finalizer = None, None, None
+        self._conn, self._lock_fd, self._identity, self._finalizer = None, -1, None, None
+        self.kept = {}
+
+
+def _close(conn: sqlite3.Connection, lock_fd: int) -> None:
+    conn.close()
+    os.close(lock_fd)
 
 
 # -- creating a file ----------------------------------------------------------------------------
@@ -319,11 +342,13 @@ def _replace(path: Path, state: JSON, now: float, job_history: int) -> None:
 def _fill(
     conn: sqlite3.Connection, state: JSON, now: float, job_history: int, *, fresh: bool
 ) -> None:
+    version = 0
     if fresh:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
-    else:
+    else:  # past every version a process may keep rows of
+        version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM clusters").fetchone()[0]
         for table in ("world", "clusters", "hosts", "vms", "jobs", "faults", "counts"):
             conn.execute(f"DELETE FROM {table}")  # noqa: S608 - constant table names
     conn.execute(
@@ -333,8 +358,8 @@ def _fill(
     host_cluster: dict[str, int] = {}
     for cid, cluster in enumerate(state["clusters"], start=1):
         conn.execute(
-            "INSERT INTO clusters (id, key, name) VALUES (?, ?, ?)",
-            (cid, cluster["name"].lower(), cluster["name"]),
+            "INSERT INTO clusters (id, key, name, version) VALUES (?, ?, ?, ?)",
+            (cid, cluster["name"].lower(), cluster["name"], version),
         )
         for h in cluster["hosts"]:
             host_cluster[h["name"]] = cid

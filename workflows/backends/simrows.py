@@ -1,5 +1,11 @@
 """The rows one call of the simulated cluster works on: loaded cluster by cluster from the
 simulator's SQLite file (`simdb`), changed in memory as dicts, and written back when they changed.
+
+Each cluster row has a `version`, bumped in the transaction that writes any of the cluster's
+hosts, VMs or open jobs (a VM moved to another cluster bumps both). A process keeps the rows of
+each cluster as of a version (`simkept.Cached`, in `simdb.Handle`): a call reads the cluster's
+row, and reads its hosts, VMs and open jobs again only when the version is not the one kept.
+What a call wrote becomes the kept version once its transaction has committed (`Rows.fresh`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflows.backends import base
+from workflows.backends import base, simkept
 
 JSON = dict[str, Any]
 
@@ -35,6 +41,7 @@ class Cluster:
     name: str
     hosts: list[JSON] = field(default_factory=list)
     finished: int = 0
+    version: int = 0
 
 
 def _compact(job: JSON) -> JSON:
@@ -50,13 +57,21 @@ class Rows:
     writes back what changed since the rows were loaded or last flushed.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, kept: dict[int, simkept.Cached] | None = None
+    ) -> None:
         self.conn = conn
-        row = conn.execute("SELECT speed, sim_time, real_time, job_history FROM world").fetchone()
+        self._kept = {} if kept is None else kept  # read here; written only after a commit
+        self.fresh: dict[int, simkept.Cached] = {}  # what this call wrote, to keep once committed
+        row = conn.execute(
+            "SELECT speed, sim_time, real_time, job_history, EXISTS (SELECT 1 FROM faults) "
+            "FROM world"
+        ).fetchone()
         self.speed: float = row[0]
         self.sim_time: float = row[1]
         self.real_time: float = row[2]
         self.job_history: int = row[3]
+        self._any_faults: bool = bool(row[4])  # no fault rows: none to read
         self._clock0 = (self.speed, self.sim_time, self.real_time)
         self.on_load: Callable[[Cluster], None] = lambda cluster: None
         self.clusters: dict[int, Cluster] = {}
@@ -66,9 +81,13 @@ class Rows:
         self._hosts: dict[str, JSON] = {}  # by key (lower-case name)
         self._host_cluster: dict[str, int] = {}
         self._hosts0: dict[str, tuple[bool, str, str | None]] = {}
+        self._host_rows: dict[int, tuple[simkept.Row, ...]] = {}  # by cluster, as loaded
         self._vms: dict[str, JSON] = {}
         self._vm_seq: dict[str, int] = {}
         self._vms0: dict[str, tuple[str, str]] = {}
+        self._vm_rows: dict[str, simkept.Row] = {}  # as loaded
+        self._vm_cluster: dict[str, int] = {}  # as stored
+        self._gone: set[int] = set()  # clusters a deleted VM was in, until the next flush
         self._deleted: set[str] = set()
         self._to_delete: list[str] = []
         self._jobs: dict[str, JSON] = {}
@@ -81,8 +100,8 @@ class Rows:
     # clusters ---------------------------------------------------------------------------------
 
     def cluster_named(self, name: str) -> Cluster | None:
-        row = self.conn.execute("SELECT id FROM clusters WHERE key = ?", (name.lower(),)).fetchone()
-        return None if row is None else self.load(row[0])
+        row = self.conn.execute(simkept.CLUSTER_BY_KEY, (name.lower(),)).fetchone()
+        return None if row is None else self.load(row[0], row)
 
     def cluster_names(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT name FROM clusters ORDER BY id")]
@@ -99,29 +118,34 @@ class Rows:
         ).fetchall():
             self.load(cid)
 
-    def load(self, cid: int) -> Cluster:
+    def load(self, cid: int, row: simkept.Row | None = None) -> Cluster:
+        """The cluster, loaded the first time; `row` its clusters row (as `simkept.CLUSTER`
+        reads it) when the caller has read it."""
         if cid in self.clusters:
             return self.clusters[cid]
-        name, finished_jobs = self.conn.execute(
-            "SELECT name, finished FROM clusters WHERE id = ?", (cid,)
-        ).fetchone()
-        cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs)
-        self._load_hosts(cluster)
-        self._load_vms(cid)
+        if row is None:
+            row = self.conn.execute(simkept.CLUSTER_BY_ID, (cid,)).fetchone()
+        _, name, finished_jobs, version = row
+        cluster = self.clusters[cid] = Cluster(cid, name, [], finished_jobs, version)
+        kept = self._kept.get(cid)
+        if kept is None or kept.version != version:
+            kept = self._kept[cid] = simkept.Cached(
+                version,
+                tuple(self.conn.execute(simkept.HOSTS, (cid,)).fetchall()),
+                tuple(self.conn.execute(simkept.VMS, (cid,)).fetchall()),
+                tuple(self.conn.execute(simkept.OPEN_JOBS, (cid,)).fetchall()),
+            )
+        self._load_hosts(cluster, kept.hosts)
+        self._load_vms(cid, kept.vms)
         self._open[cid] = []
-        for job_id, doc in self.conn.execute(
-            "SELECT id, doc FROM jobs WHERE cluster = ? AND open = 1 ORDER BY seq", (cid,)
-        ).fetchall():
+        for job_id, doc in kept.jobs:
             self._remember_job(cid, job_id, doc, is_open=True)
         self.on_load(cluster)
         return cluster
 
-    def _load_hosts(self, cluster: Cluster) -> None:
-        for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in self.conn.execute(
-            "SELECT key, name, memory_mb, maintenance, state, window_reboot, patch_s, reboot_s "
-            "FROM hosts WHERE cluster = ? ORDER BY seq",
-            (cluster.id,),
-        ).fetchall():
+    def _load_hosts(self, cluster: Cluster, rows: tuple[simkept.Row, ...]) -> None:
+        self._host_rows[cluster.id] = rows
+        for key, name, memory, maintenance, state, reboot, patch_s, reboot_s in rows:
             host = {
                 "name": name,
                 "memory_mb": memory,
@@ -135,12 +159,9 @@ class Rows:
             self.reboots[key] = reboot
             self._hosts0[key] = (bool(maintenance), state, reboot)
 
-    def _load_vms(self, cid: int) -> None:
-        for seq, vm_id, name, host, ha, state, memory in self.conn.execute(
-            "SELECT seq, id, name, host, ha, state, memory_mb FROM vms "
-            "WHERE cluster = ? ORDER BY seq",
-            (cid,),
-        ).fetchall():
+    def _load_vms(self, cid: int, rows: tuple[simkept.Row, ...]) -> None:
+        for row in rows:
+            seq, vm_id, name, host, ha, state, memory = row
             self._vms[vm_id] = {
                 "id": vm_id,
                 "name": name,
@@ -151,16 +172,18 @@ class Rows:
             }
             self._vm_seq[vm_id] = seq
             self._vms0[vm_id] = (host, state)
+            self._vm_rows[vm_id] = row
+            self._vm_cluster[vm_id] = cid
 
     # hosts and VMs ----------------------------------------------------------------------------
 
     def host(self, name: str) -> JSON | None:
         key = name.lower()
         if key not in self._hosts:
-            row = self.conn.execute("SELECT cluster FROM hosts WHERE key = ?", (key,)).fetchone()
+            row = self.conn.execute(simkept.CLUSTER_OF_HOST, (key,)).fetchone()
             if row is None:
                 return None
-            self.load(row[0])
+            self.load(row[0], row)
         return self._hosts.get(key)
 
     def cluster_of(self, host: str) -> int:
@@ -169,13 +192,14 @@ class Rows:
 
     def vm(self, vm_id: str) -> JSON | None:
         if vm_id not in self._vms and vm_id not in self._deleted:
-            row = self.conn.execute("SELECT cluster FROM vms WHERE id = ?", (vm_id,)).fetchone()
+            row = self.conn.execute(simkept.CLUSTER_OF_VM, (vm_id,)).fetchone()
             if row is not None:
-                self.load(row[0])
+                self.load(row[0], row)
         return self._vms.get(vm_id)
 
     def delete_vm(self, vm_id: str) -> None:
         del self._vms[vm_id]
+        self._gone.add(self._vm_cluster.pop(vm_id))
         self._deleted.add(vm_id)
         self._to_delete.append(vm_id)
 
@@ -237,9 +261,11 @@ class Rows:
     def faults(self) -> list[JSON]:
         """The faults not yet used up, in firing order (change the list in place)."""
         if self._faults is None:
-            self._faults0 = [
-                row[0] for row in self.conn.execute("SELECT doc FROM faults ORDER BY seq")
-            ]
+            self._faults0 = (
+                [row[0] for row in self.conn.execute("SELECT doc FROM faults ORDER BY seq")]
+                if self._any_faults
+                else []
+            )
             self._faults = [json.loads(doc) for doc in self._faults0]
         return self._faults
 
@@ -278,18 +304,22 @@ class Rows:
         if clock != self._clock0:
             self.conn.execute("UPDATE world SET speed = ?, sim_time = ?, real_time = ?", clock)
             self._clock0 = clock
-        self._flush_hosts()
-        self._flush_vms()
-        self._prune(self._flush_jobs())
+        touched = self._flush_hosts() | self._flush_vms()
+        newly = self._flush_jobs(touched)
+        self._prune(newly)
+        self._bump(touched)
         self._flush_faults()
-        self.conn.executemany(
-            "INSERT INTO counts (key, cluster, n) VALUES (?, ?, ?) "
-            "ON CONFLICT (key, cluster) DO UPDATE SET n = n + excluded.n",
-            [(key, cid, n) for (key, cid), n in self.counts.items()],
-        )
-        self.counts.clear()
+        if self.counts:
+            self.conn.executemany(
+                "INSERT INTO counts (key, cluster, n) VALUES (?, ?, ?) "
+                "ON CONFLICT (key, cluster) DO UPDATE SET n = n + excluded.n",
+                [(key, cid, n) for (key, cid), n in self.counts.items()],
+            )
+            self.counts.clear()
 
-    def _flush_hosts(self) -> None:
+    def _flush_hosts(self) -> set[int]:
+        """Write the changed hosts; the clusters they are in."""
+        touched = set()
         for key, host in self._hosts.items():
             now = (host["maintenance"], host["state"], self.reboots[key])
             if now != self._hosts0[key]:
@@ -298,26 +328,38 @@ class Rows:
                     (*now, key),
                 )
                 self._hosts0[key] = now
+                touched.add(self._host_cluster[key])
+        return touched
 
-    def _flush_vms(self) -> None:
-        self.conn.executemany("DELETE FROM vms WHERE id = ?", [(i,) for i in self._to_delete])
-        self._to_delete.clear()
+    def _flush_vms(self) -> set[int]:
+        """Delete the deleted VMs, write the changed ones; the clusters they were and are in."""
+        touched, self._gone = self._gone, set()
+        if self._to_delete:
+            self.conn.executemany("DELETE FROM vms WHERE id = ?", [(i,) for i in self._to_delete])
+            self._to_delete.clear()
         for vm_id, vm in self._vms.items():
             now = (vm["host"], vm["state"])
             if now != self._vms0[vm_id]:
+                cid = self.cluster_of(vm["host"])
                 self.conn.execute(
                     "UPDATE vms SET host = ?, state = ?, cluster = ? WHERE id = ?",
-                    (*now, self.cluster_of(vm["host"]), vm_id),
+                    (*now, cid, vm_id),
                 )
                 self._vms0[vm_id] = now
+                touched.update((self._vm_cluster[vm_id], cid))
+                self._vm_cluster[vm_id] = cid
+        return touched
 
-    def _flush_jobs(self) -> collections.Counter[int]:
-        """Write new and changed jobs (finished ones compact); count the newly finished."""
+    def _flush_jobs(self, touched: set[int]) -> collections.Counter[int]:
+        """Write new and changed jobs (finished ones compact), adding their clusters to
+        touched; count the newly finished."""
         newly: collections.Counter[int] = collections.Counter()
         for job_id, job in self._jobs.items():
             done = finished(job)
             doc = dump(_compact(job) if done else job)
             before, cid = self._jobs0[job_id], self.job_cluster[job_id]
+            if (before is None or job_id in self._was_open) and doc != before:
+                touched.add(cid)  # a job its cluster's load reads (an open one) changed
             if before is None:
                 self.conn.execute(
                     "INSERT INTO jobs (id, cluster, target, open, doc) VALUES (?, ?, ?, ?, ?)",
@@ -353,6 +395,43 @@ class Rows:
             self.conn.execute(
                 "UPDATE clusters SET finished = ? WHERE id = ?", (cluster.finished, cid)
             )
+
+    def _bump(self, touched: set[int]) -> None:
+        """A new version of each cluster written, and its rows as now stored in `fresh` (the
+        hosts, VMs and open jobs that a load at that version reads)."""
+        if not touched:
+            return
+        self.conn.executemany(
+            "UPDATE clusters SET version = version + 1 WHERE id = ?", [(c,) for c in touched]
+        )
+        for cid in touched:
+            cluster = self.clusters[cid]
+            cluster.version += 1
+            hosts, vms = self._stored_hosts(cid), self._stored_vms(cid)
+            self.fresh[cid] = simkept.Cached(cluster.version, hosts, vms, self._open_docs(cid))
+
+    def _stored_hosts(self, cid: int) -> tuple[simkept.Row, ...]:
+        rows = []
+        for key, name, memory, _m, _s, _r, patch_s, reboot_s in self._host_rows[cid]:
+            maintenance, state, reboot = self._hosts0[key]
+            rows.append((key, name, memory, maintenance, state, reboot, patch_s, reboot_s))
+        return tuple(rows)
+
+    def _stored_vms(self, cid: int) -> tuple[simkept.Row, ...]:
+        rows = []
+        for vm_id, stored in self._vm_cluster.items():
+            if stored == cid:
+                seq, _i, name, _h, ha, _s, memory = self._vm_rows[vm_id]
+                host, state = self._vms0[vm_id]
+                rows.append((seq, vm_id, name, host, ha, state, memory))
+        return tuple(sorted(rows))
+
+    def _open_docs(self, cid: int) -> tuple[simkept.Row, ...]:
+        """The stored open jobs of a cluster in submission order (those loaded were in order,
+        and a new one has a higher seq than any before it)."""
+        return tuple(
+            (job["id"], self._jobs0[job["id"]]) for job in self._open[cid] if not finished(job)
+        )
 
     def _flush_faults(self) -> None:
         if self._faults is None:

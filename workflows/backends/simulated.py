@@ -135,15 +135,17 @@ class SimulatedCluster:
     def _transact(self, op: str | None, action: Callable[[simworld.World], T], guarded: bool) -> T:
         failure: errors.EngineError | None = None
         with self._db.transaction() as conn:
-            world = simworld.World(simrows.Rows(conn), self._clock())
+            rows = simrows.Rows(conn, self._db.kept)
+            world = simworld.World(rows, self._clock())
             try:
                 result = _act(world, op, action, guarded)
             except (errors.BackendError, errors.TransientBackendError) as exc:
                 failure = exc
-            world.rows.flush()
-            if failure is None:
-                return result
-        raise failure
+            rows.flush()
+        self._db.kept.update(rows.fresh)  # committed: what it wrote is what is stored
+        if failure is not None:
+            raise failure
+        return result
 
     # ClusterBackend ----------------------------------------------------------------------------
 
