@@ -217,17 +217,13 @@ class Advance(Signals):
                 continue
             if holder is not None:
                 raise errors.LockHeld(resource, holder)
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        q.insert_lock, {"resource": resource, "run_id": run_id, "acquired_at": now}
-                    )
-            except sa.exc.IntegrityError as exc:
-                holder = self._lock_holder(conn, resource) or "another run"
-                raise errors.LockHeld(resource, holder) from exc
+            taken = {"resource": resource, "run_id": run_id, "acquired_at": now}
+            if not q.insert_lock.rowcount(conn, taken):  # taken meanwhile (PostgreSQL)
+                raise errors.LockHeld(resource, self._lock_holder(conn, resource) or "another run")
 
     def _lock_holder(self, conn: sa.Connection, resource: str) -> str | None:
-        return conn.execute(q.lock_holder, {"resource": resource}).scalar()
+        row = q.lock_holder.first(conn, {"resource": resource})
+        return None if row is None else str(row["run_id"])
 
     def _publish(
         self,

@@ -48,6 +48,10 @@ class Hot:
         """How many rows the statement changed."""
         return self._for(conn).rowcount(conn, values)
 
+    def all(self, conn: sa.Connection, values: Values) -> list[dict[str, Any]]:
+        """Every row, each by column name."""
+        return self._for(conn).all(conn, values)
+
     def _for(self, conn: sa.Connection) -> _Compiled:
         name = conn.dialect.name
         found = self._compiled.get(name)
@@ -106,8 +110,21 @@ class _Compiled:
             raise self._raised(conn, exc, parameters) from exc
         finally:
             cursor.close()
-        if row is None:
-            return None
+        return None if row is None else self._row(row)
+
+    def all(self, conn: sa.Connection, values: Values) -> list[dict[str, Any]]:
+        parameters = self.parameters(values)
+        cursor = self._cursor(conn, parameters)
+        try:
+            cursor.execute(self.sql, parameters)
+            rows = cursor.fetchall()
+        except self.error as exc:
+            raise self._raised(conn, exc, parameters) from exc
+        finally:
+            cursor.close()
+        return [self._row(row) for row in rows]
+
+    def _row(self, row: Sequence[Any]) -> dict[str, Any]:
         return {
             name: value if process is None else process(value)
             for (name, process), value in zip(self.columns, row, strict=True)

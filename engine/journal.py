@@ -6,9 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import sqlalchemy as sa
-
-from engine import schema as t
 from engine import statements as q
 from engine.dbretry import retried
 from engine.model import JournalEntry, Lease, utcnow
@@ -19,27 +16,14 @@ class Journal(StoreBase):
     @retried
     def journal(self, run_id: str, step_key: str) -> JournalEntry | None:
         with self._tx(read_only=True) as conn:
-            row = (
-                conn.execute(
-                    sa.select(t.step_journal)
-                    .where(t.step_journal.c.run_id == run_id, t.step_journal.c.step_key == step_key)
-                    .order_by(t.step_journal.c.attempt.desc())
-                    .limit(1)
-                )
-                .mappings()
-                .first()
-            )
+            row = q.journal_newest.first(conn, {"run_id": run_id, "step_key": step_key})
         return JournalEntry.from_row(row) if row else None
 
     @retried
     def journal_entries(self, run_id: str) -> list[JournalEntry]:
         with self._tx(read_only=True) as conn:
-            rows = conn.execute(
-                sa.select(t.step_journal)
-                .where(t.step_journal.c.run_id == run_id)
-                .order_by(t.step_journal.c.created_at, t.step_journal.c.step_key)
-            ).mappings()
-            return [JournalEntry.from_row(r) for r in rows]
+            rows = q.journal_entries.all(conn, {"run_id": run_id})
+        return [JournalEntry.from_row(r) for r in rows]
 
     @retried
     def journal_write(

@@ -95,9 +95,8 @@ class Reads(StoreBase):
     @retried
     def lock_holder(self, resource: str) -> str | None:
         with self._tx(read_only=True) as conn:
-            return conn.execute(
-                sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == resource)
-            ).scalar()
+            row = q.lock_holder.first(conn, {"resource": resource})
+        return None if row is None else str(row["run_id"])
 
     @retried
     def locks(self, run_id: str) -> list[str]:

@@ -80,8 +80,20 @@ published = (
     .where(t.published_data.c.run_id == _p("run_id"))
     .order_by(t.published_data.c.run_version, t.published_data.c.key)
 )
-lock_holder = sa.select(t.resource_lock.c.run_id).where(
-    t.resource_lock.c.resource == _p("resource")
+lock_holder = Hot(
+    sa.select(t.resource_lock.c.run_id).where(t.resource_lock.c.resource == _p("resource"))
+)
+_journal = t.step_journal.c
+journal_entries = Hot(
+    sa.select(t.step_journal)
+    .where(_journal.run_id == _p("run_id"))
+    .order_by(_journal.created_at, _journal.step_key)
+)
+journal_newest = Hot(
+    sa.select(t.step_journal)
+    .where(_journal.run_id == _p("run_id"), _journal.step_key == _p("step_key"))
+    .order_by(_journal.attempt.desc())
+    .limit(1)
 )
 
 
@@ -245,7 +257,25 @@ move_head = Hot(sa.update(t.run).where(_THIS_RUN, _HEAD_IS_PREV).values(audit_he
 
 insert_event = Hot(sa.insert(t.run_event).inline(), keys=t.run_event.c.keys()[1:])  # not the id
 insert_signal = sa.insert(t.run_signal).inline()
-insert_lock = sa.insert(t.resource_lock).inline()
+
+
+def _sqlite_insert_lock() -> sa.Insert:
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(t.resource_lock).on_conflict_do_nothing()
+
+
+def _postgresql_insert_lock() -> sa.Insert:
+    from sqlalchemy.dialects import postgresql
+
+    return postgresql.insert(t.resource_lock).on_conflict_do_nothing()
+
+
+# A lock taken unless it is held (no row changed: held), without a savepoint around it.
+insert_lock = Hot(
+    _PerDialect(sqlite=_sqlite_insert_lock, postgresql=_postgresql_insert_lock),
+    keys=("resource", "run_id", "acquired_at"),
+)
 _pending = t.run_signal.alias("pending")
 release_locks = sa.delete(t.resource_lock).where(
     t.resource_lock.c.run_id == _p("run_id"),

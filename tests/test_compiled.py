@@ -41,6 +41,10 @@ def _busy_run(store: Store) -> tuple[Lease, str]:
         publish={"vms": [{"id": "vm-1", "host": "hv01"}], "count": 3},
         consume=("go",),
         error={"reason": "a detail"},
+        acquire=("cluster:c1",),
+    )
+    store.journal_write(
+        lease, step_key="B@2:move", attempt=1, state="B", status="succeeded", result={"to": "hv2"}
     )
     return lease, run.id
 
@@ -61,6 +65,13 @@ def test_hot_reads_return_what_sqlalchemy_returns(engine: sa.Engine) -> None:
         for hot in (q.run, q.load):
             mine = hot.first(conn, {"run_id": run_id})
             assert mine == _by_sqlalchemy(conn, hot, {"run_id": run_id})
+    with engine.connect() as conn, conn.begin():
+        journal = q.journal_entries.all(conn, {"run_id": run_id})
+        statement = q.journal_entries.statement
+        assert isinstance(statement, sa.Select)
+        assert journal == [dict(r) for r in conn.execute(statement, {"run_id": run_id}).mappings()]
+        assert q.lock_holder.first(conn, {"resource": "cluster:c1"}) == {"run_id": run_id}
+    assert [(j["step_key"], j["result"]) for j in journal] == [("B@2:move", {"to": "hv2"})]
     assert mine is not None
     assert mine["pending_signals"] == ["later"]
     assert mine["published_data"] == [["count", 3], ["vms", [{"id": "vm-1", "host": "hv01"}]]]
