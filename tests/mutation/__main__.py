@@ -84,6 +84,8 @@ TARGETS = {
     "engine/advance.py": ENGINE_TESTS,
     "engine/journal.py": ENGINE_TESTS,
     "engine/context.py": ENGINE_TESTS,
+    "engine/compiled.py": (*ENGINE_TESTS, "tests/test_compiled.py"),
+    "engine/heartbeat.py": ("tests/test_heartbeat.py",),
     "workflows/plan.py": WORKFLOW_TESTS,
     "workflows/node_patch.py": WORKFLOW_TESTS,
 }
