@@ -6,15 +6,18 @@ connection invalidated, and statement listeners told of every hot statement."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from engine import db
 from engine import statements as q
 from engine.compiled import Hot
 from engine.model import Lease
 from engine.store import Store
+from tests.conftest import postgres_database
 
 TTL = dt.timedelta(seconds=30)
 
@@ -131,12 +134,20 @@ def test_statement_listeners_see_hot_statements(engine: sa.Engine) -> None:
     assert any("published_data" in s and "run_signal" in s for s in seen), seen
 
 
+@pytest.fixture
+def pg_engine() -> Iterator[sa.Engine]:
+    """PostgreSQL only: a SQLite connection is never lost under a statement."""
+    for url in postgres_database():
+        engine = db.connect(url)
+        yield engine
+        engine.dispose()
+
+
 @pytest.mark.postgres
-def test_a_lost_connection_is_invalidated(engine: sa.Engine) -> None:
+def test_a_lost_connection_is_invalidated(pg_engine: sa.Engine) -> None:
     """A PostgreSQL connection killed under a hot statement raises SQLAlchemy's
     OperationalError marked as a lost connection; the pool hands out a live one next."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL: SQLite connections are not lost")
+    engine = pg_engine
     store = Store(engine)
     _lease, run_id = _busy_run(store)
     with engine.connect() as conn:
