@@ -45,42 +45,7 @@ class Creation(Reads):
         `lease` (owner, ttl) the run is created leased to that owner (token 1), in the same
         transaction and with the same events as a create and a claim. Run IDs are random within
         their second: an ID another run took in the same second is drawn again."""
-        for _ in range(ID_DRAWS):
-            run = self._create(
-                workflow=workflow,
-                workflow_version=workflow_version,
-                subject=subject,
-                state=state,
-                params=params,
-                actor=actor,
-                parent=parent,
-                child_key=child_key,
-                detached=detached,
-                lease=lease,
-            )
-            if run is not None:
-                return run
-        raise errors.DatabaseError(
-            f"cannot create the run: {ID_DRAWS} run IDs drawn were all taken"
-        )
-
-    def _create(
-        self,
-        *,
-        workflow: str,
-        workflow_version: int,
-        subject: str,
-        state: str,
-        params: Mapping[str, Any],
-        actor: str,
-        parent: Run | None,
-        child_key: str | None,
-        detached: bool,
-        lease: tuple[str, dt.timedelta] | None,
-    ) -> Run | None:
-        """One attempt of `create_run` under a new ID; None if that ID is taken."""
         now = utcnow()
-        run_id = new_run_id(now)
         family: dict[str, Any] = {}
         if parent is not None:
             family = {
@@ -88,64 +53,68 @@ class Creation(Reads):
                 "root_run_id": parent.root,
                 "child_key": child_key,
             }
-        created = _event_fields(
-            run_id,
-            1,
-            "created",
-            actor=actor,
-            token=0,
-            now=now,
-            to_state=state,
-            details={"params": dict(params), **family},
-        )
-        events = [chain.linked(created, chain.GENESIS)]
         leased: dict[str, Any] = {"lease_token": 0}
         if lease is not None:
             owner, ttl = lease
-            taken = _event_fields(run_id, 1, "lease", actor=owner, token=1, now=now)
-            events.append(chain.linked(taken, events[0]["hash"]))
             leased = {
                 "lease_owner": owner,
                 "lease_token": 1,
                 "lease_expires_at": now + ttl,
                 "heartbeat_at": now,
             }
+        values = {
+            **q.RUN_UNSET,
+            "workflow": workflow,
+            "workflow_version": workflow_version,
+            "subject": subject,
+            "state": state,
+            "version": 1,
+            "params": dict(params),
+            "created_by": actor,
+            "created_at": now,
+            "updated_at": now,
+            **leased,
+            "detached": detached,
+            "wake_at": now if detached else None,
+            **family,
+        }
+        details = {"params": dict(params), **family}
+        for _ in range(ID_DRAWS):
+            run_id = new_run_id(now)
+            created = _event_fields(
+                run_id, 1, "created", actor=actor, token=0, now=now, to_state=state, details=details
+            )
+            events = [chain.linked(created, chain.GENESIS)]
+            if lease is not None:
+                taken = _event_fields(run_id, 1, "lease", actor=lease[0], token=1, now=now)
+                events.append(chain.linked(taken, events[0]["hash"]))
+            run = self._insert({**values, "id": run_id, "audit_head": events[-1]["hash"]}, events)
+            if run is not None:
+                return run
+        raise errors.DatabaseError(
+            f"cannot create the run: {ID_DRAWS} run IDs drawn were all taken"
+        )
+
+    def _insert(self, values: dict[str, Any], events: list[dict[str, Any]]) -> Run | None:
+        """The run's row and its first events, in one transaction; None if its ID is taken."""
         try:
             with self._tx() as conn:
-                row = q.create_run.first(
-                    conn,
-                    {
-                        **q.RUN_UNSET,
-                        "id": run_id,
-                        "workflow": workflow,
-                        "workflow_version": workflow_version,
-                        "subject": subject,
-                        "state": state,
-                        "version": 1,
-                        "params": dict(params),
-                        "created_by": actor,
-                        "created_at": now,
-                        "updated_at": now,
-                        "audit_head": events[-1]["hash"],
-                        **leased,
-                        "detached": detached,
-                        "wake_at": now if detached else None,
-                        **family,
-                    },
-                )
+                row = q.create_run.first(conn, values)
                 assert row is not None  # an INSERT ... RETURNING returns its row
                 for event in events:
                     q.insert_event.rowcount(conn, event)
-                if detached:
-                    _notify(conn, run_id)
+                if values["detached"]:
+                    _notify(conn, values["id"])
         except sa.exc.IntegrityError as exc:
+            subject = values["subject"]
             active = self.runs(subject_prefix=subject, active_only=True, limit=20)
             winner = next((r for r in active if r.subject == subject), None)
-            if winner is None and self._taken(run_id):
+            if winner is None and self._taken(values["id"]):
                 return None
             if winner is None:
                 raise errors.DatabaseError(f"cannot create the run: {exc.orig}") from exc
-            holder = f", held by {winner.lease_owner}" if winner.lease_live(now) else ""
+            live = winner.lease_live(values["created_at"])
+            holder = f", held by {winner.lease_owner}" if live else ""
             raise errors.Busy(
                 f"{subject} already has the unfinished run {winner.id} ({winner.state}{holder})"
             ) from exc
